@@ -1,0 +1,5 @@
+"""Lightning callbacks: thin shells that decide *when* the pure-torch core runs."""
+
+from lightning_ft.callbacks.throughput import TokenThroughput
+
+__all__ = ["TokenThroughput"]

@@ -1,0 +1,109 @@
+"""Batching: dynamic padding, the choice-scoring layout, and packing several examples into one row."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from lightning_ft.data.formats import Example
+
+IGNORE_INDEX = -100
+
+
+def _pad(seqs: list[list[int]], value: int, length: int, left: bool = False) -> torch.Tensor:
+    out = torch.full((len(seqs), length), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if left:
+            out[i, length - len(s) :] = torch.tensor(s, dtype=torch.long)
+        else:
+            out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    return n if not multiple else -(-n // multiple) * multiple
+
+
+class Collator:
+    """Pad a list of examples to the longest in the batch (optionally to a multiple of ``pad_to_multiple_of``).
+
+    Output keys, all ``torch.long``:
+      * ``input_ids`` (B, T); ``attention_mask`` (B, T), absent for packed rows (their ``position_ids`` (B, T)
+        restart at 0 per example, which transformers turns into a block-diagonal causal mask);
+      * ``labels``: (B, T) with -100 on prompt and padding for causal LM, or (B,) class ids for classification;
+      * ``token_type_ids`` (B, T) when the tokenizer makes them;
+      * for rows with choices: ``choice_input_ids`` / ``choice_attention_mask`` / ``choice_labels`` (B*K, L), the
+        prompt followed by each of the K choices with labels only on the choice tokens, and ``choice_target`` (B,).
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, padding_side: str = "right") -> None:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.left = padding_side == "left"
+
+    def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        length = _round_up(max(len(e["input_ids"]) for e in examples), self.pad_to_multiple_of)
+        ids = [e["input_ids"] for e in examples]
+        batch = {"input_ids": _pad(ids, self.pad_token_id, length, self.left)}
+        if "position_ids" in examples[0]:
+            # padding is a segment of its own with positions 0, 1, ... so it never attends into an example
+            pos = [e["position_ids"] + list(range(length - len(e["position_ids"]))) for e in examples]
+            batch["position_ids"] = torch.tensor(pos, dtype=torch.long)
+        else:
+            batch["attention_mask"] = _pad([[1] * len(s) for s in ids], 0, length, self.left)
+        if "token_type_ids" in examples[0]:
+            batch["token_type_ids"] = _pad([e["token_type_ids"] for e in examples], 0, length, self.left)
+        if "labels" in examples[0]:
+            batch["labels"] = _pad([e["labels"] for e in examples], IGNORE_INDEX, length, self.left)
+        elif "label" in examples[0]:
+            batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
+        if "choice_ids" in examples[0]:
+            batch.update(self.choice_batch(examples))
+        return batch
+
+    def choice_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        num_choices = {len(e["choice_ids"]) for e in examples}
+        if len(num_choices) != 1:
+            raise ValueError(f"every row must have the same number of choices, got {sorted(num_choices)}")
+        seqs, labels = [], []
+        for e in examples:
+            for cont in e["choice_ids"]:
+                seqs.append(e["prompt_ids"] + cont)
+                labels.append([IGNORE_INDEX] * len(e["prompt_ids"]) + cont)
+        length = _round_up(max(len(s) for s in seqs), self.pad_to_multiple_of)
+        return {
+            "choice_input_ids": _pad(seqs, self.pad_token_id, length),
+            "choice_attention_mask": _pad([[1] * len(s) for s in seqs], 0, length),
+            "choice_labels": _pad(labels, IGNORE_INDEX, length),
+            "choice_target": torch.tensor([e["choice_label"] for e in examples], dtype=torch.long),
+        }
+
+
+def pack_examples(examples: list[Example], max_length: int, seed: int) -> list[Example]:
+    """Greedily pack shuffled causal-LM examples into rows of at most ``max_length`` tokens.
+
+    Each packed row holds ``input_ids``, ``labels`` and ``position_ids`` that restart at 0 for every example. The label
+    of each example's first token is set to -100: in an unpacked row that token is never a target, and in a packed
+    row it must not become the target of the previous example's last token. Packed logits equal those of each
+    example run alone.
+    """
+    if "labels" not in examples[0] or "label" in examples[0]:
+        raise ValueError("packing applies to causal-LM data (instruction or text), not to classification")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    rows: list[Example] = []
+    current: Example = {"input_ids": [], "labels": [], "position_ids": []}
+    for i in order:
+        ids, labels = examples[i]["input_ids"], examples[i]["labels"]
+        if current["input_ids"] and len(current["input_ids"]) + len(ids) > max_length:
+            rows.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += ids
+        current["labels"] += [IGNORE_INDEX] + labels[1:]
+        current["position_ids"] += list(range(len(ids)))
+    if current["input_ids"]:
+        rows.append(current)
+    return rows

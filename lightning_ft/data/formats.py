@@ -1,0 +1,52 @@
+"""What every data format produces: encoded examples plus the counts logged at set-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from transformers import PreTrainedTokenizerBase
+
+Example = dict[str, Any]  # token-id lists ("input_ids", "labels", ...) and scalars ("label")
+
+
+@dataclass
+class EncodedSplit:
+    """A split after tokenisation.
+
+    ``examples`` hold unpadded ``input_ids`` (and ``labels`` / ``token_type_ids`` / ``label`` / choice fields);
+    ``num_truncated`` counts examples cut to ``max_length``.
+    """
+
+    examples: list[Example]
+    num_truncated: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(e["input_ids"]) for e in self.examples)
+
+
+class DataFormat(Protocol):
+    """How rows of one task become token ids. One class per task: instruction, classification, text."""
+
+    #: the model-side task this format trains ("causal_lm" or "classification")
+    model_task: str
+
+    def encode(self, rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int, split: str) -> EncodedSplit:
+        """Tokenise rows for training or evaluation (labels included)."""
+
+    def encode_for_predict(
+        self, rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int
+    ) -> EncodedSplit:
+        """Tokenise rows for prediction (no answer in the input)."""
+
+
+def require_columns(rows: list[dict], columns: list[str], split: str) -> None:
+    """Raise a clear error when the first row lacks any of ``columns``."""
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise KeyError(
+            f"{split}: column(s) {missing} not found; the rows have columns {sorted(rows[0])}. "
+            "Rename them or set the matching *_column argument of FineTuneDataModule."
+        )

@@ -1,0 +1,6 @@
+"""LightningModules: the shared base and one small file per method."""
+
+from lightning_ft.modules.base import FineTuneModule
+from lightning_ft.modules.sft import SFTModule
+
+__all__ = ["FineTuneModule", "SFTModule"]

@@ -1,0 +1,276 @@
+"""``FineTuneModule``: the training / evaluation / prediction logic that every method module shares.
+
+A method module (``SFTModule``, later ``LoRAModule`` and ``SparseModule``) is this base plus the callbacks it returns
+from ``configure_callbacks()``; a user who prefers their own LightningModule adds the same callbacks by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from lightning_ft import metrics as M
+from lightning_ft.io import write_text_atomic
+from lightning_ft.modules.objectives import causal_lm_sums, choice_scores
+from lightning_ft.modules.optim import decay_groups, warmup_decay
+
+ModelTask = Literal["causal_lm", "classification"]
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+STAGES = ("train", "val", "test")
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+class FineTuneModule(L.LightningModule):
+    """Shared base: a Hugging Face model, its loss and metrics, AdamW with warm-up and decay.
+
+    Args:
+        model_name_or_path: short name, local directory, GGUF file or hub id for ``lightning_ft.models.load_model``.
+            The model is built in ``configure_model`` (lazily, so FSDP can shard it as it is made).
+        task: ``"causal_lm"`` or ``"classification"``.
+        labels: the ordered label names of a classification task.
+        model: an already built model to use instead of loading ``model_name_or_path``.
+        learning_rate, weight_decay, betas, eps: AdamW settings; biases and norm weights get no weight decay.
+        warmup_steps / warmup_ratio: linear warm-up length in steps, or as a share of all training steps.
+        scheduler: ``"linear"``, ``"cosine"`` or ``"constant"`` after warm-up; ``min_lr_ratio`` is the floor.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        dtype: weight dtype at load (``"float32"`` default, ``"bfloat16"``); mixed precision is the Trainer's
+            ``precision`` setting.
+        max_new_tokens: generation length in ``predict_step`` for causal LMs.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        task: ModelTask = "causal_lm",
+        labels: list[str] | None = None,
+        model: nn.Module | None = None,
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_steps: int = 0,
+        warmup_ratio: float = 0.0,
+        scheduler: Literal["linear", "cosine", "constant"] = "linear",
+        min_lr_ratio: float = 0.0,
+        gradient_checkpointing: bool = False,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        max_new_tokens: int = 32,
+    ) -> None:
+        super().__init__()
+        if task not in ("causal_lm", "classification"):
+            raise ValueError(f"unknown task {task!r}; choose 'causal_lm' or 'classification'")
+        if task == "classification" and not labels:
+            raise ValueError("a classification module needs `labels`, the ordered label names")
+        if model is None and model_name_or_path is None:
+            raise ValueError("give `model_name_or_path` (or an already built `model`)")
+        warmup_decay(scheduler, 0, 1)  # validates the name early
+        self.save_hyperparameters(ignore=["model"])
+        self.model_name_or_path = model_name_or_path
+        self.task = task
+        self.labels = list(labels) if labels else None
+        self.model = model
+        self._tokenizer = None
+        # ModuleDict keys may not shadow nn.Module attributes such as `train`, hence the "_" suffix
+        if task == "classification":
+            self.metrics = nn.ModuleDict({f"{s}_": M.classification_metrics(self.labels, f"{s}/") for s in STAGES})
+            self.losses = nn.ModuleDict({f"{s}_": M.MeanMetric() for s in STAGES})
+            self.confusion = M.confusion_matrix(self.labels)
+        else:
+            self.metrics = nn.ModuleDict({f"{s}_": M.CausalLMMetrics(f"{s}/") for s in STAGES})
+        # multiple-choice scoring of causal-LM rows with `choices`; built at the first scored batch (K unknown before)
+        self.choice_metrics: nn.ModuleDict | None = None
+
+    # ---- model -----------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is None:
+            from lightning_ft.models import load_model
+
+            hp = self.hparams
+            self.model = load_model(
+                self.model_name_or_path, task=self.task, labels=self.labels, dtype=hp.dtype,
+                trust_remote_code=hp.trust_remote_code,
+            )  # fmt: skip
+        if self.hparams.gradient_checkpointing:
+            enable_checkpointing(self.model)
+
+    @property
+    def tokenizer(self):
+        """The data module's tokenizer when there is one, else the model's own."""
+        if self._tokenizer is None:
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            if dm is not None and hasattr(dm, "tokenizer"):
+                self._tokenizer = dm.tokenizer
+            else:
+                from lightning_ft.models import load_tokenizer
+
+                self._tokenizer = load_tokenizer(self.model_name_or_path)
+        return self._tokenizer
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        """Logits: (B, T, V) for causal LM, (B, C) for classification."""
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        if self.task == "causal_lm":
+            inputs["use_cache"] = False  # a KV cache would also switch off transformers' packed-sequence masking
+        return self.model(**inputs).logits
+
+    # ---- steps -----------------------------------------------------------------------------------------------
+    def step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        logits = self(batch)
+        if self.task == "classification":
+            loss = F.cross_entropy(logits.float(), batch["labels"])
+            self.metrics[f"{stage}_"].update(logits.detach(), batch["labels"])
+            self.losses[f"{stage}_"].update(loss.detach(), weight=batch["labels"].numel())
+            if stage == "test":
+                self.confusion.update(logits.detach().argmax(-1), batch["labels"])
+        else:
+            nll_sum, num_tokens, num_correct = causal_lm_sums(logits, batch["labels"])
+            loss = nll_sum / num_tokens.clamp(min=1)
+            self.metrics[f"{stage}_"].update(nll_sum.detach(), num_tokens, num_correct)
+            if stage != "train" and "choice_input_ids" in batch:
+                self.score_choices(batch, stage)
+        check_finite(loss, self.global_step, stage)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.step(batch, "train")
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.step(batch, "test")
+
+    def score_choices(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        """Score each choice by its log-likelihood after the prompt; update ``{stage}/choice_*`` metrics. (B, K)."""
+        logits = self.model(
+            input_ids=batch["choice_input_ids"], attention_mask=batch["choice_attention_mask"], use_cache=False
+        ).logits
+        scores = choice_scores(logits, batch["choice_labels"], len(batch["choice_target"]))
+        if self.choice_metrics is None:
+            names = [str(i) for i in range(scores.shape[1])]
+            self.choice_metrics = nn.ModuleDict(
+                {f"{s}_": M.classification_metrics(names, f"{s}/choice_") for s in STAGES}
+            )
+            self.choice_metrics.to(self.device)
+        target = batch["choice_target"]
+        keep = target != -100
+        if keep.any():
+            self.choice_metrics[f"{stage}_"].update(scores[keep].detach(), target[keep])
+        return scores
+
+    # ---- epoch ends: compute, log, reset ---------------------------------------------------------------------
+    def on_train_epoch_end(self) -> None:
+        self.log_stage_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_stage_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_stage_metrics("test")
+        if self.task == "classification":
+            self.report_confusion("test")
+
+    def log_stage_metrics(self, stage: str) -> dict[str, Tensor]:
+        values = {}
+        if self.task == "classification":
+            if self.losses[f"{stage}_"].update_count:
+                values[f"{stage}/loss"] = self.losses[f"{stage}_"].compute()
+                values.update(M.flatten_per_class(self.metrics[f"{stage}_"].compute(), self.labels))
+            self.losses[f"{stage}_"].reset()
+        elif self.metrics[f"{stage}_"].acc.update_count:
+            values.update(self.metrics[f"{stage}_"].compute())
+        self.metrics[f"{stage}_"].reset()
+        choice = self.choice_metrics[f"{stage}_"] if self.choice_metrics is not None else None
+        if choice is not None and choice["acc"].update_count:
+            values.update({k: v for k, v in choice.compute().items() if v.ndim == 0})
+            choice.reset()
+        if stage == "train":
+            values.pop("train/loss", None)  # logged per step
+        if values:
+            self.log_dict(values, sync_dist=False)  # torchmetrics already reduced across ranks
+        return values
+
+    def report_confusion(self, stage: str) -> None:
+        if not self.confusion.update_count:
+            return
+        matrix = self.confusion.compute()
+        self.confusion.reset()
+        if self.trainer.is_global_zero:
+            table = M.confusion_table(matrix, self.labels)
+            rank_zero_info(f"{stage} confusion matrix:\n{table}")
+            out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            write_text_atomic(out / f"confusion_matrix_{stage}.md", table + "\n")
+            M.save_confusion_png(matrix, self.labels, out / f"confusion_matrix_{stage}.png", f"{stage} confusion matrix")
+
+    # ---- prediction ------------------------------------------------------------------------------------------
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[str]:
+        """Predicted label names (classification) or generated answers (causal LM, greedy)."""
+        if self.task == "classification":
+            logits = self(batch)
+            return [self.labels[i] for i in logits.argmax(-1).tolist()]
+        tok = self.tokenizer
+        out = self.model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        )  # fmt: skip
+        return tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    # ---- optimisation ----------------------------------------------------------------------------------------
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups for AdamW; method modules override this (e.g. LoRA+ learning rates)."""
+        return decay_groups(self.named_parameters(), self.hparams.weight_decay)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = self.optimizer_param_groups()
+        if not groups:
+            raise RuntimeError("no trainable parameters: every parameter has requires_grad=False")
+        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps)
+        total = self.trainer.estimated_stepping_batches
+        total = int(total) if math.isfinite(total) else 10**9
+        warmup = hp.warmup_steps or int(hp.warmup_ratio * total)
+        scheduler = LambdaLR(optimizer, warmup_decay(hp.scheduler, warmup, total, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        trainable, total = count_parameters(self)
+        rank_zero_info(
+            f"lightning-ft: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+        )
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Turn on activation checkpointing (non-reentrant, so a frozen base still gets gradients to its adapters)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+def check_finite(loss: Tensor, step: int, stage: str) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"{stage} loss is {loss.item()} at step {step}. Lower the learning rate, use precision='bf16-mixed' "
+            "instead of '16-mixed', or check the data (e.g. labels outside the vocabulary)."
+        )

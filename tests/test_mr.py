@@ -50,7 +50,8 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_read_mr_parses_fake_wheel(wheel: Path) -> None:
     rows = mr.read_mr(wheel, last_positive_id=N_POS, expected_counts=FAKE_COUNTS)
     assert [r["id"] for r in rows] == list(range(1, N_POS + N_NEG + 1))
-    assert rows[0] == {"id": 1, "text": "review number 1 with a caf\u00e9 and ''quotes'' \u2013 ok", "label": "positive"}
+    assert rows[0]["text"] == "review number 1 with a caf\u00e9 and ''quotes'' \u2013 ok"  # stripped, nothing else
+    assert rows[0]["label"] == "positive" and set(rows[0]) == {"id", "text", "label"}
     assert rows[N_POS - 1]["label"] == "positive" and rows[N_POS]["label"] == "negative"
 
 

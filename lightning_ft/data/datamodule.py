@@ -47,7 +47,7 @@ class FineTuneDataModule(L.LightningDataModule):
         labels: the ordered label set for classification; inferred from the train split when omitted.
         max_length: longest sequence in tokens; longer examples are truncated and counted.
         packing: pack several causal-LM training examples per row (no attention across them).
-        group_by_length: batch training examples of similar length together.
+        group_by_length: batch training examples of similar length together (and evaluate longest first).
         pad_to_multiple_of: pad each batch's length up to a multiple of this (8 suits tensor cores).
         max_train_examples / max_eval_examples: keep only the first N rows of each split (after splitting).
     """
@@ -176,11 +176,14 @@ class FineTuneDataModule(L.LightningDataModule):
         return text
 
     def split_stats(self, name: str, split: EncodedSplit) -> dict[str, Any]:
+        """Counts of one split; ``padding_fraction`` is estimated for one epoch batched as the loaders batch it."""
         lengths = [len(e["input_ids"]) for e in split.examples]
         batch_size = self.batch_size if name == "train" else self.eval_batch_size
         order = list(range(len(lengths)))
         if name == "train" and self.group_by_length:
             order = list(LengthGroupedSampler(lengths, batch_size, self.seed))
+        elif name in ("val", "test") and self.group_by_length:
+            order = sorted(order, key=lambda i: -lengths[i])
         elif name == "train":
             random.Random(self.seed).shuffle(order)
         padded = 0
@@ -207,9 +210,12 @@ class FineTuneDataModule(L.LightningDataModule):
         examples = self.splits[name].examples
         batch_size = self.batch_size if name == "train" else self.eval_batch_size
         sampler = None
-        if shuffle and self.group_by_length:
+        if self.group_by_length and shuffle:
             sampler = LengthGroupedSampler([len(e["input_ids"]) for e in examples], batch_size, self.seed)
             shuffle = False
+        elif self.group_by_length and name in ("val", "test"):
+            # metrics do not depend on the order, so evaluate longest first with little padding
+            sampler = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
         return DataLoader(
             examples,
             batch_size=batch_size,

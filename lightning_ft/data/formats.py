@@ -43,10 +43,11 @@ class DataFormat(Protocol):
 
 
 def require_columns(rows: list[dict], columns: list[str], split: str) -> None:
-    """Raise a clear error when the first row lacks any of ``columns``."""
-    missing = [c for c in columns if c not in rows[0]]
-    if missing:
-        raise KeyError(
-            f"{split}: column(s) {missing} not found; the rows have columns {sorted(rows[0])}. "
-            "Rename them or set the matching *_column argument of FineTuneDataModule."
-        )
+    """Raise a clear error when any row lacks any of ``columns``."""
+    for idx, row in enumerate(rows):
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise KeyError(
+                f"{split} row {idx}: column(s) {missing} not found; the row has columns {sorted(row)}. "
+                "Rename them or set the matching *_column argument of FineTuneDataModule."
+            )

@@ -82,9 +82,10 @@ class InstructionFormat:
 
     # ---- encoding --------------------------------------------------------------------------------------------
     def _check_columns(self, rows: list[dict], split: str, with_answer: bool) -> None:
-        if self.messages_column in rows[0]:
-            return
-        require_columns(rows, [self.prompt_column] + ([self.response_column] if with_answer else []), split)
+        """Each row needs a messages column, or a prompt column (and a response column when training)."""
+        plain = [r for r in rows if self.messages_column not in r]
+        if plain:
+            require_columns(plain, [self.prompt_column] + ([self.response_column] if with_answer else []), split)
 
     def encode_row(self, row: dict, tokenizer: PreTrainedTokenizerBase) -> Example:
         """Token ids and labels of one row, untruncated. Every assistant turn is trained on."""
@@ -96,10 +97,15 @@ class InstructionFormat:
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            start = len(self.tokenize(tokenizer, msgs[:i], add_generation_prompt=True))
+            prompt = self.tokenize(tokenizer, msgs[:i], add_generation_prompt=True)
+            start = len(prompt)
             upto = input_ids if i == len(msgs) - 1 else self.tokenize(tokenizer, msgs[: i + 1], False)
-            if input_ids[: len(upto)] != upto:
-                raise ValueError("the chat template is not prefix-consistent across turns; pass single-turn rows")
+            if input_ids[:start] != prompt or input_ids[: len(upto)] != upto:
+                raise ValueError(
+                    "the prompt's tokens are not a prefix of the full example's tokens (the chat template or the "
+                    "tokenizer merges across the prompt/answer boundary), so the prompt cannot be masked exactly; "
+                    "end prompts with a newline or pass single-turn rows"
+                )
             labels[start : len(upto)] = input_ids[start : len(upto)]
         return {"input_ids": input_ids, "labels": labels, "prompt_length": start}
 
@@ -133,6 +139,11 @@ class InstructionFormat:
 
     def encode_choices(self, row: dict, tokenizer: PreTrainedTokenizerBase, max_length: int, where: str) -> Example:
         """``choice_ids``: per choice, the answer tokens after the prompt (up to the first EOS); ``choice_label``."""
+        if not isinstance(row[self.choices_column], (list, tuple)) or len(row[self.choices_column]) < 2:
+            raise ValueError(
+                f"{where}: `{self.choices_column}` must be a list of at least two answers, got "
+                f"{row[self.choices_column]!r} (CSV cannot hold lists: use JSONL or Parquet for rows with choices)"
+            )
         choices = [str(c) for c in row[self.choices_column]]
         prompt_msgs = self.messages(row, with_answer=False)
         prompt = self.tokenize(tokenizer, prompt_msgs, add_generation_prompt=True)

@@ -68,7 +68,10 @@ def _read_file(path: Path, name: str) -> Rows:
                         raise ValueError(f"{name}: {path} line {lineno} is not valid JSON: {e}") from e
             return rows
     if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            return []  # load_rows reports the empty dataset
+        data = json.loads(text)
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
             data = next(iter(data.values()))  # {"data": [...]}
         if not isinstance(data, list):

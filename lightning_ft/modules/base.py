@@ -105,6 +105,9 @@ class FineTuneModule(L.LightningModule):
                 self.model_name_or_path, task=self.task, labels=self.labels, dtype=hp.dtype,
                 trust_remote_code=hp.trust_remote_code,
             )  # fmt: skip
+        # from_pretrained returns eval mode and Lightning keeps each submodule's mode: train mode turns dropout on
+        # (Lightning's evaluation loops switch to eval mode themselves)
+        self.model.train()
         if self.hparams.gradient_checkpointing:
             enable_checkpointing(self.model)
 
@@ -251,8 +254,6 @@ class FineTuneModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_start(self) -> None:
-        # from_pretrained returns the model in eval mode, and Lightning keeps each submodule's mode: switch dropout on
-        self.model.train()
         trainable, total = count_parameters(self)
         rank_zero_info(
             f"lightning-ft: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"

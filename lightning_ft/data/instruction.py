@@ -122,7 +122,7 @@ class InstructionFormat:
             if len(ex["input_ids"]) > max_length:
                 truncated += 1
                 ex = {k: v[:max_length] for k, v in ex.items()}
-            if self.choices_column in row:
+            if self.choices_column in row and split != "train":  # choices are only scored in evaluation
                 ex.update(self.encode_choices(row, tokenizer, max_length, f"{split} row {idx}"))
             examples.append(ex)
         return EncodedSplit(examples, truncated)

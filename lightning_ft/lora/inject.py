@@ -1,0 +1,140 @@
+"""Put LoRA adapters into any ``nn.Module``, fold them back, and read out their weights (pure torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lightning_ft.lora.layer import LoRALinear
+from lightning_ft.targets import match_pattern, select_modules
+
+Bias = Literal["none", "all", "lora_only"]
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every ``LoRALinear`` of ``model`` by its module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def inject_lora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    target_modules: str | Sequence[str] = "all-linear",
+    exclude_modules: str | Sequence[str] | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    init: Literal["default", "gaussian", "pissa"] = "default",
+    modules_to_save: Sequence[str] | None = None,
+    bias: Bias = "none",
+) -> nn.Module:
+    """Wrap the chosen linear layers of ``model`` in ``LoRALinear`` and freeze everything else, in place.
+
+    Args:
+        r, alpha: rank and scale numerator (``scale = alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``).
+        target_modules: ``"all-linear"`` (every linear layer except output heads), names / name suffixes, or a
+            regex; ``exclude_modules`` removes matches (see ``lightning_ft.targets.select_modules``).
+        rank_pattern, alpha_pattern: ``{regex: value}`` overrides per layer (first ``re.search`` match wins).
+        use_dora: DoRA's trainable magnitude; ``init="pissa"`` initialises from the top singular vectors.
+        modules_to_save: names / suffixes of modules trained in full (e.g. a fresh ``classifier`` head).
+        bias: ``"none"`` (biases frozen), ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted layers).
+
+    Returns:
+        ``model``, with only adapter weights (and ``modules_to_save`` / chosen biases) requiring grad.
+    """
+    if lora_layers(model):
+        raise RuntimeError("the model already has LoRA adapters; inject once (merge_lora removes them)")
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    if r < 1:
+        raise ValueError(f"rank r must be >= 1, got {r}")
+    names = select_modules(model, target_modules, exclude_modules)
+    model.requires_grad_(False)
+    for name in names:
+        base = model.get_submodule(name)
+        layer = LoRALinear(
+            base, r=int(match_pattern(name, rank_pattern, r)), alpha=match_pattern(name, alpha_pattern, alpha),
+            dropout=dropout, use_rslora=use_rslora, use_dora=use_dora, init=init,
+        )  # fmt: skip
+        _set_module(model, name, layer)
+        if bias == "lora_only" and getattr(base, "bias", None) is not None:
+            base.bias.requires_grad_(True)
+    if bias == "all":
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias"):
+                p.requires_grad_(True)
+    saved = _modules_to_save(model, modules_to_save)
+    for name in saved:
+        model.get_submodule(name).requires_grad_(True)
+    model.lora_modules_to_save = saved  # read by the PEFT export
+    return model
+
+
+def _modules_to_save(model: nn.Module, keys: Sequence[str] | None) -> list[str]:
+    """Module names matching ``keys`` (names or suffixes); a module inside another chosen one is covered by it."""
+    all_names = [n for n, _ in model.named_modules() if n]
+    found: list[str] = []
+    for key in keys or []:
+        hits = [n for n in all_names if n == key or n.endswith("." + key)]
+        if not hits:
+            raise ValueError(f"modules_to_save: no module named {key!r} in {type(model).__name__}")
+        found += hits
+    return sorted({n for n in found if not any(n.startswith(f + ".") for f in found)})
+
+
+def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
+    """Fold every adapter into its base weight (float32 math, cast back to the base dtype).
+
+    With ``unload=True`` each ``LoRALinear`` is replaced by its base layer (a plain ``nn.Linear`` / ``Conv1D``), so
+    the model is a regular Hugging Face model again. With ``unload=False`` the wrappers stay, merged, so that
+    ``unmerge_lora`` can restore the adapters.
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise RuntimeError("the model has no LoRA adapters to merge")
+    if any(layer.merged for layer in layers.values()):
+        raise RuntimeError("the LoRA adapters are already merged (merge_lora was called twice); unmerge_lora first")
+    for name, layer in layers.items():
+        layer.merge()
+        if unload:
+            _set_module(model, name, layer.base_layer)
+    if unload and hasattr(model, "lora_modules_to_save"):
+        del model.lora_modules_to_save
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo ``merge_lora(model, unload=False)``: subtract each adapter from its base weight again."""
+    layers = lora_layers(model)
+    if not layers:
+        raise RuntimeError("the model has no LoRA adapters (after merge_lora(unload=True) they are gone)")
+    for layer in layers.values():
+        layer.unmerge()
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter weights only: ``lora_A`` / ``lora_B`` / ``lora_magnitude`` plus every other trainable parameter
+    (``modules_to_save``, trained biases), keyed by their names in ``model.state_dict()``."""
+    return {
+        name: p.detach()
+        for name, p in model.named_parameters()
+        if p.requires_grad or name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_magnitude")
+    }
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    """Freeze everything but the adapters (used after loading an adapter into a model)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_magnitude"))

@@ -181,3 +181,29 @@ def test_prediction_writer_writes_jsonl_in_order(tmp_path, tokenizer):
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["index"] for x in lines] == list(range(5))
     assert [x["prediction"] for x in lines] == [p for b in batches for p in b]
+
+
+def test_logits_only_at_target_positions_match_full_logits(tokenizer):
+    """The loss and choice scores computed from logits_to_keep equal those from the full (B, T, V) logits."""
+    from lightning_ft.modules.objectives import causal_lm_sums, target_mask
+
+    module = SFTModule(model=tiny_llama(len(tokenizer)))
+    module.configure_model()
+    module.model.eval()
+    dm = lm_data(tokenizer)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert module._takes_logits_to_keep()
+    with torch.no_grad():
+        full = module(batch)
+        expected = causal_lm_sums(full, batch["labels"])
+        got = module.target_logits(batch, batch["labels"])
+        assert got.shape == (int(target_mask(batch["labels"]).sum()), len(tokenizer))
+        loss = module.step(batch, "val")
+        torch.testing.assert_close(loss, expected[0] / expected[1], atol=1e-5, rtol=1e-5)
+        scores = module.score_choices(batch, "val")
+        choice_logits = module.model(input_ids=batch["choice_input_ids"], attention_mask=batch["choice_attention_mask"]).logits
+        logp = torch.log_softmax(choice_logits[:, :-1], -1)
+        targets = batch["choice_labels"][:, 1:]
+        picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)
+        torch.testing.assert_close(scores, picked.sum(-1).view(scores.shape), atol=1e-4, rtol=1e-5)

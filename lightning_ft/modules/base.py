@@ -6,6 +6,7 @@ from ``configure_callbacks()``; a user who prefers their own LightningModule add
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_ft import metrics as M
 from lightning_ft.io import write_text_atomic
-from lightning_ft.modules.objectives import causal_lm_sums, choice_scores
+from lightning_ft.modules.objectives import next_token_targets, row_logprobs, target_mask, token_sums
 from lightning_ft.modules.optim import decay_groups, warmup_decay
 
 ModelTask = Literal["causal_lm", "classification"]
@@ -131,17 +132,35 @@ class FineTuneModule(L.LightningModule):
             inputs["use_cache"] = False  # a KV cache would also switch off transformers' packed-sequence masking
         return self.model(**inputs).logits
 
+    def target_logits(self, inputs: dict[str, Tensor], labels: Tensor) -> Tensor:
+        """Causal-LM logits at the target positions only: (N, V), row-major over ``target_mask(labels)``.
+
+        Models whose forward takes ``logits_to_keep`` (transformers' causal LMs) project only those positions onto
+        the vocabulary; others compute all logits and are indexed.
+        """
+        mask = target_mask(labels)
+        inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
+        if self._takes_logits_to_keep():
+            return self.model(**inputs, use_cache=False, logits_to_keep=mask).logits
+        return self.model(**inputs, use_cache=False).logits[mask]
+
+    def _takes_logits_to_keep(self) -> bool:
+        if not hasattr(self, "_logits_to_keep"):
+            self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        return self._logits_to_keep
+
     # ---- steps -----------------------------------------------------------------------------------------------
     def step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        logits = self(batch)
         if self.task == "classification":
+            logits = self(batch)
             loss = F.cross_entropy(logits.float(), batch["labels"])
             self.metrics[f"{stage}_"].update(logits.detach(), batch["labels"])
             self.losses[f"{stage}_"].update(loss.detach(), weight=batch["labels"].numel())
             if stage == "test":
                 self.confusion.update(logits.detach().argmax(-1), batch["labels"])
         else:
-            nll_sum, num_tokens, num_correct = causal_lm_sums(logits, batch["labels"])
+            logits = self.target_logits(batch, batch["labels"])
+            nll_sum, num_tokens, num_correct = token_sums(logits, next_token_targets(batch["labels"]))
             loss = nll_sum / num_tokens.clamp(min=1)
             self.metrics[f"{stage}_"].update(nll_sum.detach(), num_tokens, num_correct)
             if stage != "train" and "choice_input_ids" in batch:
@@ -162,10 +181,9 @@ class FineTuneModule(L.LightningModule):
 
     def score_choices(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         """Score each choice by its log-likelihood after the prompt; update ``{stage}/choice_*`` metrics. (B, K)."""
-        logits = self.model(
-            input_ids=batch["choice_input_ids"], attention_mask=batch["choice_attention_mask"], use_cache=False
-        ).logits
-        scores = choice_scores(logits, batch["choice_labels"], len(batch["choice_target"]))
+        inputs = {"input_ids": batch["choice_input_ids"], "attention_mask": batch["choice_attention_mask"]}
+        logits = self.target_logits(inputs, batch["choice_labels"])
+        scores = row_logprobs(logits, batch["choice_labels"]).view(len(batch["choice_target"]), -1)
         if self.choice_metrics is None:
             names = [str(i) for i in range(scores.shape[1])]
             self.choice_metrics = nn.ModuleDict(

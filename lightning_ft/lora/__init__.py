@@ -1,0 +1,24 @@
+"""LoRA, pure torch (no Lightning import): layers, injection, merging, and the Hugging Face PEFT file format."""
+
+from lightning_ft.lora.inject import (
+    inject_lora,
+    lora_layers,
+    lora_state_dict,
+    mark_only_lora_trainable,
+    merge_lora,
+    unmerge_lora,
+)
+from lightning_ft.lora.layer import LoRALinear
+from lightning_ft.lora.peft_format import load_peft_adapter, save_peft_adapter
+
+__all__ = [
+    "LoRALinear",
+    "inject_lora",
+    "lora_layers",
+    "load_peft_adapter",
+    "lora_state_dict",
+    "mark_only_lora_trainable",
+    "merge_lora",
+    "save_peft_adapter",
+    "unmerge_lora",
+]

@@ -78,6 +78,7 @@ def inject_lora(
     for name in saved:
         model.get_submodule(name).requires_grad_(True)
     model.lora_modules_to_save = saved  # read by the PEFT export
+    model.lora_bias = bias  # read by the PEFT export (requires_grad may change after injection)
     return model
 
 
@@ -111,6 +112,8 @@ def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
             _set_module(model, name, layer.base_layer)
     if unload and hasattr(model, "lora_modules_to_save"):
         del model.lora_modules_to_save
+    if unload and hasattr(model, "lora_bias"):
+        del model.lora_bias
     return model
 
 

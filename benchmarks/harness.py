@@ -1,0 +1,73 @@
+"""Shared benchmark plumbing: run each configuration in a fresh subprocess, interleave repeats, take medians.
+
+A fresh process per configuration and repeat gives each its own peak RSS; interleaving the configurations repeat by
+repeat spreads the slow phases of a shared machine over all of them alike, so ratios of medians are fair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT_PREFIX = "RESULT "
+
+
+def worker_main(run: Callable[[dict, argparse.Namespace], dict], args: argparse.Namespace) -> None:
+    """In the subprocess: run one configuration and print its result as one JSON line."""
+    print(RESULT_PREFIX + json.dumps(run(json.loads(args.worker), args)), flush=True)
+
+
+def run_interleaved(script: str, configs: list[dict], repeats: int, extra_args: list[str]) -> dict[str, list[dict]]:
+    """Run ``script --worker <config>`` for every configuration, ``repeats`` times, interleaved."""
+    runs: dict[str, list[dict]] = {c["name"]: [] for c in configs}
+    for r in range(repeats):
+        for cfg in configs:
+            cmd = [sys.executable, script, "--worker", json.dumps(cfg), *extra_args]
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            line = next((x for x in out.stdout.splitlines() if x.startswith(RESULT_PREFIX)), None)
+            if line is None:
+                sys.exit(f"{cfg['name']} failed:\n{out.stderr[-3000:]}")
+            runs[cfg["name"]].append(json.loads(line[len(RESULT_PREFIX) :]))
+            print(f"repeat {r + 1}/{repeats} {cfg['name']}: {summarise(runs[cfg['name']][-1])}", flush=True)
+    return runs
+
+
+def summarise(result: dict) -> str:
+    if result.get("step_s"):
+        return f"median step {statistics.median(result['step_s']):.2f} s"
+    return ""
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    """Median over every sample of ``key`` (a list per run) or over the runs (a number per run)."""
+    values = [v for r in runs for v in (r[key] if isinstance(r[key], list) else [r[key]])]
+    return statistics.median(values)
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "platform": platform.platform()}  # fmt: skip
+
+
+def write_results(out_dir: str | os.PathLike, stem: str, payload: dict, markdown: list[str]) -> None:
+    from lightning_ft.io import write_json_atomic, write_text_atomic
+
+    out = Path(out_dir)
+    write_json_atomic(out / f"{stem}.json", payload)
+    write_text_atomic(out / f"{stem}.md", "\n".join(markdown) + "\n")
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,259 @@
+"""Read and write LoRA adapters in Hugging Face ``peft``'s folder format (pure torch + safetensors).
+
+A peft LoRA adapter (checked against peft 0.21) is a folder with two files:
+
+- ``adapter_config.json``: ``peft_type: "LORA"``, ``task_type``, ``r``, ``lora_alpha``, ``target_modules``,
+  ``rank_pattern`` / ``alpha_pattern``, ``use_rslora``, ``use_dora``, ``fan_in_fan_out`` (GPT-2's ``Conv1D``),
+  ``bias``, ``modules_to_save``, ``lora_dropout``, ``init_lora_weights``.
+- ``adapter_model.safetensors``, keys prefixed ``base_model.model.``: ``<layer>.lora_A.weight`` (r, in),
+  ``<layer>.lora_B.weight`` (out, r), ``<layer>.lora_magnitude_vector`` (out,) for DoRA (older peft added
+  ``.weight``), ``<module>.<param>`` for each of ``modules_to_save``, and trained biases (``<layer>.base_layer.bias``
+  for adapted layers, ``<module>.bias`` elsewhere).
+
+peft selects layers with its own rules: ``target_modules`` as a list matches a full name or a ``.suffix``, as a
+string ``re.fullmatch``; ``rank_pattern`` / ``alpha_pattern`` keys match ``re.match(r"(.*\\.)?(key)$")``;
+``modules_to_save`` match ``str.endswith`` and are never adapted. ``_peft_layers`` reproduces these rules, so an
+export is checked to select exactly our layers with exactly our ranks, and an import selects exactly peft's.
+
+PiSSA: ``init="pissa"`` moves the top singular triplets out of the base weights, so an exported PiSSA adapter is
+only correct on top of that residual base (save the base too); on the original base it adds the top singular part
+twice. The config says ``init_lora_weights: true`` so that peft never re-runs an initialisation on load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lightning_ft.io import atomic_path
+from lightning_ft.lora.inject import _set_module, inject_lora, lora_layers
+from lightning_ft.lora.layer import LoRALinear
+from lightning_ft.targets import is_linear, select_modules
+
+PREFIX = "base_model.model."
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+TASK_TYPES = {  # class-name suffix -> peft task_type
+    "ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS", "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
+}  # fmt: skip
+HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
+UNSUPPORTED = ("layers_to_transform", "layers_pattern", "layer_replication", "target_parameters",
+               "trainable_token_indices", "lora_bias", "use_qalora", "use_bdlora")  # fmt: skip
+
+
+# ---- peft's matching rules -------------------------------------------------------------------------------------
+def _in_list(name: str, keys: list[str]) -> bool:
+    return name in keys or any(name.endswith(f".{k}") for k in keys)
+
+
+def _pattern(patterns: dict | None, name: str, default):
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _peft_layers(config: dict, names: list[str]) -> dict[str, tuple[int, float]]:
+    """``{module name: (r, alpha)}`` of the modules peft adapts under ``config``, among ``names``."""
+    targets, exclude, saved = config["target_modules"], config.get("exclude_modules"), config.get("modules_to_save")
+
+    def adapted(n: str) -> bool:
+        if exclude and (re.fullmatch(exclude, n) if isinstance(exclude, str) else _in_list(n, exclude)):
+            return False
+        if any(re.match(rf"(^|.*\.){m}($|\..*)", n) for m in saved or []):
+            return False
+        return bool(re.fullmatch(targets, n)) if isinstance(targets, str) else _in_list(n, targets)
+
+    r, alpha = config["r"], config["lora_alpha"]
+    return {
+        n: (_pattern(config.get("rank_pattern"), n, r), _pattern(config.get("alpha_pattern"), n, alpha))
+        for n in names
+        if adapted(n)
+    }
+
+
+def _peft_modules_to_save(names: list[str], keys: list[str] | None) -> list[str]:
+    found = [n for n in names if any(n.endswith(k) for k in keys or [])]
+    return [n for n in found if not any(n.startswith(f + ".") for f in found)]
+
+
+def _exact_key(name: str, others: list[str]) -> str:
+    """``name`` as a pattern key, anchored where it would also match another layer's name."""
+    clash = any(re.match(rf"(.*\.)?({name})$", o) for o in others if o != name)
+    return "^" + re.escape(name) if clash else name
+
+
+def _exact_regex(names) -> str:
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+# ---- which tensors go where ------------------------------------------------------------------------------------
+def _adapter_tensors(model: nn.Module, layers: dict[str, LoRALinear], saved: list[str], bias: str) -> dict[str, Tensor]:
+    """``{file key: live tensor of model}`` for everything an adapter file holds."""
+    out: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
+        out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
+        if layer.use_dora:
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude
+    for name in saved:
+        for key, t in model.get_submodule(name).state_dict(keep_vars=True).items():
+            out[f"{PREFIX}{name}.{key}"] = t
+    lora_biases = {f"{n}.base_layer.bias" for n in layers}
+    inside_saved = tuple(f"{n}." for n in saved)
+    for pname, p in model.named_parameters():
+        if pname.split(".")[-1] == "bias" and not pname.startswith(inside_saved):
+            if bias == "all" or (bias == "lora_only" and pname in lora_biases):
+                out[PREFIX + pname] = p
+    return out
+
+
+def _infer_bias(model: nn.Module, layers: dict[str, LoRALinear], saved: list[str]) -> str:
+    lora_biases = {f"{n}.base_layer.bias" for n in layers}
+    inside_saved = tuple(f"{n}." for n in saved)
+    trained = {n for n, p in model.named_parameters()
+               if n.split(".")[-1] == "bias" and p.requires_grad and not n.startswith(inside_saved)}  # fmt: skip
+    return "all" if trained - lora_biases else "lora_only" if trained else "none"
+
+
+# ---- save ------------------------------------------------------------------------------------------------------
+def save_peft_adapter(
+    model: nn.Module,
+    path: str | Path,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+    bias: str | None = None,
+) -> Path:
+    """Write the adapters of ``model`` (after ``inject_lora``) as a peft adapter folder, atomically.
+
+    ``PeftModel.from_pretrained(base, path)`` on the same base weights reproduces the model's outputs.
+    ``task_type`` defaults from the class name (``...ForCausalLM`` -> ``"CAUSAL_LM"``, ...); for classification and
+    question answering peft always loads the head (``classifier`` / ``score`` / ``qa_outputs``), so its current
+    weights are written as a module to save even when it was not trained. ``bias`` defaults to the mode
+    ``inject_lora`` recorded (``model.lora_bias``), else to what the model trains (``"all"``, ``"lora_only"`` or
+    ``"none"``, read from ``requires_grad``).
+    """
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA adapters to save (inject_lora first)")
+    names = [n for n, _ in model.named_modules() if n and n.rpartition(".")[0] not in layers]  # without wrappers
+    task_type = task_type or next((t for s, t in TASK_TYPES.items() if type(model).__name__.endswith(s)), None)
+    saved = list(getattr(model, "lora_modules_to_save", []))
+    heads = _peft_modules_to_save(names, HEADS.get(task_type))  # peft wraps these anyway and needs their weights
+    saved += [h for h in heads if not any(h == s or h.startswith(s + ".") for s in saved)]
+    bias = bias or getattr(model, "lora_bias", None) or _infer_bias(model, layers, saved)
+    first = next(iter(layers.values()))
+    wanted = {n: (layer.r, layer.alpha) for n, layer in layers.items()}
+    r = Counter(v[0] for v in wanted.values()).most_common(1)[0][0]
+    alpha = Counter(v[1] for v in wanted.values()).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA", "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None) or None,
+        "r": r, "lora_alpha": alpha, "lora_dropout": getattr(first.dropout, "p", 0.0),
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+        "rank_pattern": {_exact_key(n, list(layers)): v[0] for n, v in wanted.items() if v[0] != r},
+        "alpha_pattern": {_exact_key(n, list(layers)): v[1] for n, v in wanted.items() if v[1] != alpha},
+        "use_rslora": first.use_rslora, "use_dora": first.use_dora,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "bias": bias, "modules_to_save": saved or None, "init_lora_weights": True, "inference_mode": True,
+    }  # fmt: skip
+    if _peft_layers(config, names).keys() != wanted.keys():  # suffixes select more: name the layers exactly
+        config["target_modules"] = _exact_regex(layers)
+    if _peft_layers(config, names) != wanted:
+        raise RuntimeError(f"cannot express these adapters as a peft config: {config}")
+    tensors = {
+        k: t.detach().to("cpu", copy=True).contiguous() for k, t in _adapter_tensors(model, layers, saved, bias).items()
+    }
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    return Path(path)
+
+
+# ---- load ------------------------------------------------------------------------------------------------------
+def load_peft_adapter(model: nn.Module, path: str | Path, trainable: bool = False) -> nn.Module:
+    """Inject LoRA into a plain ``model`` as ``path``'s ``adapter_config.json`` says and load its weights.
+
+    Reads folders written by ``save_peft_adapter`` and by ``PeftModel.save_pretrained``. With ``trainable=False``
+    (peft's default) everything is frozen; with ``True`` the adapters (and ``modules_to_save``, trained biases) train.
+    Raises ``ValueError`` naming the tensor and both shapes when the adapter was made for another base model.
+    """
+    path = Path(path)
+    if not (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path} (only peft's safetensors format is read)")
+    config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path} holds a {config.get('peft_type')!r} adapter; only LORA is supported")
+    if unsupported := [k for k in UNSUPPORTED if config.get(k)]:
+        raise NotImplementedError(f"{path}: peft options {unsupported} are not supported")
+    if lora_layers(model):
+        raise RuntimeError("the model already has LoRA adapters; load an adapter into a plain model")
+    names = [n for n, _ in model.named_modules() if n]
+    config["modules_to_save"] = (config.get("modules_to_save") or []) + HEADS.get(config.get("task_type"), [])
+    if config["target_modules"] == "all-linear":
+        config["target_modules"] = select_modules(model, "all-linear")
+    wanted = _peft_layers(config, names)
+    if not wanted:
+        raise ValueError(
+            f"adapter target_modules {config['target_modules']!r} match no module of {type(model).__name__}"
+        )
+    if not_linear := [n for n in wanted if not is_linear(model.get_submodule(n))]:
+        raise NotImplementedError(f"LoRA of non-linear modules is not supported: {not_linear[:5]}")
+    saved = _peft_modules_to_save(names, config.get("modules_to_save"))
+    bias = config.get("bias", "none")
+    state = {
+        re.sub(r"\.lora_magnitude_vector\.weight$", ".lora_magnitude_vector", k): v
+        for k, v in load_file(path / WEIGHTS_NAME).items()
+    }
+    wrapper_keys = tuple(f"{PREFIX}{n}.{part}." for n in saved for part in ("original_module", "modules_to_save"))
+    state = {k: v for k, v in state.items() if not k.startswith(wrapper_keys)}  # peft's bias="all" copies
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    inject_lora(
+        model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
+        target_modules=_exact_regex(wanted), rank_pattern={f"^{re.escape(n)}$": v[0] for n, v in wanted.items()},
+        alpha_pattern={f"^{re.escape(n)}$": v[1] for n, v in wanted.items()}, modules_to_save=saved, bias=bias,
+        use_rslora=config.get("use_rslora", False), use_dora=config.get("use_dora", False),
+    )  # fmt: skip
+    try:
+        _copy_into(_adapter_tensors(model, lora_layers(model), saved, bias), state, path)
+    except Exception:
+        _remove_adapters(model, flags)
+        raise
+    if not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+def _copy_into(targets: dict[str, Tensor], state: dict[str, Tensor], path: Path) -> None:
+    missing, unexpected = sorted(targets.keys() - state.keys()), sorted(state.keys() - targets.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"the adapter in {path} does not fit this model: {len(missing)} missing keys {missing[:4]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:4]}"
+        )
+    for key, t in targets.items():
+        if state[key].shape != t.shape:
+            raise ValueError(
+                f"layer {key.removeprefix(PREFIX)}: shape {tuple(state[key].shape)} in the adapter but "
+                f"{tuple(t.shape)} in the model; was the adapter made for another base model?"
+            )
+    with torch.no_grad():
+        for key, t in targets.items():
+            t.copy_(state[key])
+
+
+def _remove_adapters(model: nn.Module, flags: dict[str, bool]) -> None:
+    """Undo a failed load: put the plain layers back and restore ``requires_grad``."""
+    for name, layer in lora_layers(model).items():
+        _set_module(model, name, layer.base_layer)
+    model.__dict__.pop("lora_modules_to_save", None)
+    model.__dict__.pop("lora_bias", None)
+    for name, p in model.named_parameters():
+        p.requires_grad_(flags[name])

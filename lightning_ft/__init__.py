@@ -14,6 +14,7 @@ _EXPORTS = {
     "FineTuneDataModule": "lightning_ft.data.datamodule",
     "FineTuneModule": "lightning_ft.modules.base",
     "SFTModule": "lightning_ft.modules.sft",
+    "LoRAModule": "lightning_ft.modules.lora",
 }
 __all__ = list(_EXPORTS)
 

@@ -334,7 +334,9 @@ def test_workers_give_same_batches_as_main_process(tokenizer) -> None:
     b0, b2 = collect(dm0, 123), collect(dm2, 123)
     assert len(b0) == 6
     assert same_batches(b0, b2)
-    assert not same_batches(b0, collect(dm0, 124))  # the torch seed drives the shuffle, so the check can fail
+    assert same_batches(b0, collect(dm0, 124))  # the global torch seed does not change the order...
+    other = set_up(tokenizer, train=rows, batch_size=4, num_workers=0, seed=1)
+    assert not same_batches(b0, collect(other, 123))  # ...the data module's seed does
 
 
 def test_train_loader_covers_every_example_once(tokenizer) -> None:
@@ -348,8 +350,9 @@ def test_train_loader_covers_every_example_once(tokenizer) -> None:
 
 def test_missing_split_loader_error(tokenizer) -> None:
     dm = set_up(tokenizer, train=qa_rows(4))
-    with pytest.raises(RuntimeError, match="val"):
-        dm.val_dataloader()
+    assert dm.val_dataloader() == []  # fit without validation data simply skips validation
+    with pytest.raises(RuntimeError, match="test"):
+        dm.test_dataloader()
 
 
 def test_text_task_loader(tokenizer) -> None:
@@ -403,3 +406,31 @@ def test_length_grouped_sampler() -> None:
         chunk = [lengths[i] for i in order[start : start + 6]]
         assert chunk == sorted(chunk, reverse=True)
     assert order != sorted(range(50), key=lambda i: -lengths[i])  # still shuffled across mega-batches
+
+
+def test_train_order_depends_only_on_seed_and_epoch(tokenizer) -> None:
+    """Resuming needs the same order as an unbroken run: the global RNG must not change it."""
+    from conftest import sentiment_rows
+
+    from lightning_ft import FineTuneDataModule
+
+    def first_batch(global_seed: int, epoch: int) -> list[list[int]]:
+        dm = FineTuneDataModule(tokenizer, task="classification", train=sentiment_rows(32), batch_size=4, seed=3)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        torch.manual_seed(global_seed)
+        return next(iter(loader))["input_ids"].tolist()
+
+    assert first_batch(0, 0) == first_batch(1, 0)
+    assert first_batch(0, 0) != first_batch(0, 1)
+
+
+def test_fit_without_validation_data_skips_validation(tokenizer) -> None:
+    from conftest import sentiment_rows
+
+    from lightning_ft import FineTuneDataModule
+
+    dm = FineTuneDataModule(tokenizer, task="classification", train=sentiment_rows(8), labels=["negative", "positive"])
+    dm.setup("fit")
+    assert dm.val_dataloader() == []

@@ -1,6 +1,8 @@
 """Lightning callbacks: thin shells that decide *when* the pure-torch core runs."""
 
+from lightning_ft.callbacks.lora import LoRA
+from lightning_ft.callbacks.merge import MergeAdapters
 from lightning_ft.callbacks.prediction_writer import PredictionWriter
 from lightning_ft.callbacks.throughput import TokenThroughput
 
-__all__ = ["PredictionWriter", "TokenThroughput"]
+__all__ = ["LoRA", "MergeAdapters", "PredictionWriter", "TokenThroughput"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any, Literal
 
 import lightning as L
@@ -15,7 +14,7 @@ from lightning_ft.data.classification import ClassificationFormat, infer_labels
 from lightning_ft.data.collate import Collator, pack_examples
 from lightning_ft.data.formats import DataFormat, EncodedSplit
 from lightning_ft.data.instruction import InstructionFormat
-from lightning_ft.data.samplers import LengthGroupedSampler
+from lightning_ft.data.samplers import EpochShuffleSampler, LengthGroupedSampler
 from lightning_ft.data.sources import Source, load_rows, split_rows
 from lightning_ft.data.text import TextFormat
 
@@ -188,7 +187,7 @@ class FineTuneDataModule(L.LightningDataModule):
         elif name in ("val", "test") and self.group_by_length:
             order = sorted(order, key=lambda i: -lengths[i])
         elif name == "train":
-            random.Random(self.seed).shuffle(order)
+            order = list(EpochShuffleSampler(len(lengths), self.seed))
         padded = 0
         for start in range(0, len(order), batch_size):
             chunk = [lengths[i] for i in order[start : start + batch_size]]
@@ -213,8 +212,12 @@ class FineTuneDataModule(L.LightningDataModule):
         examples = self.splits[name].examples
         batch_size = self.batch_size if name == "train" else self.eval_batch_size
         sampler = None
-        if self.group_by_length and shuffle:
-            sampler = LengthGroupedSampler([len(e["input_ids"]) for e in examples], batch_size, self.seed)
+        if shuffle:  # seeded per epoch, so a resumed run sees the same order as an unbroken one
+            lengths = [len(e["input_ids"]) for e in examples]
+            if self.group_by_length:
+                sampler = LengthGroupedSampler(lengths, batch_size, self.seed)
+            else:
+                sampler = EpochShuffleSampler(len(examples), self.seed)
             shuffle = False
         elif self.group_by_length and name in ("val", "test"):
             # metrics do not depend on the order, so evaluate longest first with little padding
@@ -232,7 +235,9 @@ class FineTuneDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if "val" not in self.splits:
+            return []  # no validation data: Lightning skips validation
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:

@@ -8,6 +8,28 @@ import torch
 from torch.utils.data import Sampler
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation of ``range(num_items)`` that depends only on ``seed`` and the epoch (``set_epoch``).
+
+    Unlike ``shuffle=True`` (which draws from the global RNG), a resumed run sees the same order as an unbroken one.
+    """
+
+    def __init__(self, num_items: int, seed: int = 0) -> None:
+        self.num_items = num_items
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randperm(self.num_items, generator=g).tolist()
+
+
 class LengthGroupedSampler(Sampler[int]):
     """Shuffle indices, cut them into mega-batches of ``batch_size * mega_batch_mult``, sort each by length.
 

@@ -109,7 +109,7 @@ class FineTuneModule(L.LightningModule):
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode: train mode turns dropout on
         # (Lightning's evaluation loops switch to eval mode themselves)
         self.model.train()
-        if self.hparams.gradient_checkpointing:
+        if self.hparams.gradient_checkpointing and not getattr(self.model, "is_gradient_checkpointing", False):
             enable_checkpointing(self.model)
 
     @property

@@ -1,0 +1,130 @@
+"""``MergeAdapters``: at the end of ``fit``, export the LoRA adapter (peft format) and / or the merged model.
+
+The merged folder is a plain Hugging Face model (``save_pretrained``, plus the tokenizer when there is one):
+``AutoModelFor*.from_pretrained(merged_dir)`` loads it without lightning-ft. Merging happens in place on every rank
+(in float32, cast back to the base dtype), so after ``fit`` the in-memory module holds the merged model with no
+adapters and keeps working: ``trainer.validate`` / ``test`` / ``predict`` evaluate the merged model, and the
+``LoRA`` callback does not inject again for them. Only global rank 0 writes; every write is atomic.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_ft.io import atomic_path
+from lightning_ft.lora import lora_layers, merge_lora
+
+
+def find_hf_model(module: nn.Module) -> tuple[str, nn.Module]:
+    """``(name, model)`` of the first submodule of ``module`` that is a ``transformers.PreTrainedModel``."""
+    from transformers import PreTrainedModel
+
+    for name, m in module.named_modules():
+        if isinstance(m, PreTrainedModel):
+            return name, m
+    raise ValueError(
+        f"{type(module).__name__} holds no Hugging Face model (transformers.PreTrainedModel); MergeAdapters writes "
+        "Hugging Face folders, so keep the model as a submodule (e.g. self.model = AutoModelFor...)"
+    )
+
+
+def _relative(names: list[str], prefix: str) -> list[str]:
+    if not prefix:
+        return list(names)
+    return [n[len(prefix) + 1 :] for n in names if n.startswith(prefix + ".")]
+
+
+def export_adapters(
+    module: nn.Module,
+    merged_dir: str | os.PathLike | None = None,
+    adapter_dir: str | os.PathLike | None = None,
+    base_model_name_or_path: str | None = None,
+    tokenizer: Any = None,
+    write: bool = True,
+) -> None:
+    """Write ``module``'s Hugging Face model's adapter to ``adapter_dir`` (peft format), then merge the adapters
+    of ``module`` into their base weights (in place) and write the merged model to ``merged_dir``.
+
+    ``write=False`` merges without writing (the other ranks of a distributed run).
+    """
+    prefix, hf_model = find_hf_model(module)
+    layers = lora_layers(module)
+    if not layers:
+        raise RuntimeError(f"{type(module).__name__} has no LoRA adapters to export (add the LoRA callback)")
+    if any(type(p).__name__ == "DTensor" for p in module.parameters()):
+        raise NotImplementedError("the model is sharded (FSDP2): gather a full state dict before merging adapters")
+    outside = [n for n in layers if not (n.startswith(prefix + ".") or not prefix)]
+    if outside:
+        rank_zero_warn(f"MergeAdapters: adapters outside the Hugging Face model are merged, not saved: {outside[:3]}")
+    if adapter_dir is not None and write:
+        from lightning_ft.lora.peft_format import save_peft_adapter
+
+        own = "lora_modules_to_save" in hf_model.__dict__
+        if not own:  # inject_lora(module) records names relative to the module; peft wants them relative to the model
+            hf_model.lora_modules_to_save = _relative(list(getattr(module, "lora_modules_to_save", [])), prefix)
+        try:
+            save_peft_adapter(hf_model, adapter_dir, base_model_name_or_path=base_model_name_or_path)
+        finally:
+            if not own:
+                del hf_model.lora_modules_to_save
+        rank_zero_info(f"MergeAdapters: wrote the peft adapter to {adapter_dir}")
+    if merged_dir is None:
+        return
+    merge_lora(module)
+    if write:
+        with atomic_path(merged_dir) as tmp:
+            hf_model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        what = "model and tokenizer" if tokenizer is not None else "model (no tokenizer found)"
+        rank_zero_info(f"MergeAdapters: wrote the merged {what} to {merged_dir}")
+
+
+def _tokenizer(trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+    """The data module's tokenizer, else the module's, else None."""
+    for owner in (trainer.datamodule, pl_module):
+        if owner is None:
+            continue
+        try:
+            tok = getattr(owner, "tokenizer", None)
+        except Exception as err:  # e.g. a lazy property that cannot load a tokenizer for a model given as an object
+            rank_zero_warn(f"MergeAdapters: no tokenizer from {type(owner).__name__}: {err}")
+            continue
+        if tok is not None and hasattr(tok, "save_pretrained"):
+            return tok
+    return None
+
+
+class MergeAdapters(L.Callback):
+    """At ``on_fit_end``: write the adapter in peft format to ``adapter_dir`` and / or merge the adapters into the
+    model and write it (with the tokenizer) to ``merged_dir`` as a plain Hugging Face model.
+
+    ``base_model_name_or_path`` goes into ``adapter_config.json`` (default: the model's ``name_or_path``). After a
+    merge the module holds the merged model without adapters (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        merged_dir: str | os.PathLike | None = None,
+        adapter_dir: str | os.PathLike | None = None,
+        base_model_name_or_path: str | None = None,
+    ) -> None:
+        if merged_dir is None and adapter_dir is None:
+            raise ValueError("MergeAdapters needs `merged_dir`, `adapter_dir` or both")
+        self.merged_dir = Path(merged_dir) if merged_dir is not None else None
+        self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+        self.base_model_name_or_path = base_model_name_or_path
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        write = trainer.is_global_zero
+        export_adapters(
+            pl_module, self.merged_dir, self.adapter_dir, self.base_model_name_or_path,
+            tokenizer=_tokenizer(trainer, pl_module) if write and self.merged_dir is not None else None, write=write,
+        )  # fmt: skip
+        trainer.strategy.barrier("MergeAdapters")

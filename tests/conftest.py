@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import lightning as L
 import pytest
 import torch
 
@@ -118,3 +119,13 @@ def require_mr() -> str:
     if not os.path.exists(os.path.join(MR_DIR, "manifest.json")):
         pytest.skip("MR data not prepared: run `make data` or `lightning-ft prepare-mr`")
     return MR_DIR
+
+
+class LossRecorder(L.Callback):
+    """Records each training step's loss (``outputs["loss"]``)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))

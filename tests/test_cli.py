@@ -97,3 +97,23 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
     cli = make_cli(args)
     assert type(cli.trainer.logger).__name__ == "WandbLogger"
     assert list(tmp_path.rglob("offline-run-*"))
+
+
+@pytest.mark.integration
+def test_fit_smollm2_lora_recipe_writes_adapter_and_merged_model(tmp_path):
+    require_packaged("smollm2-135m-instruct")
+    mr = require_mr()
+    args = small_run(
+        "smollm2_mr_lora.yaml", tmp_path, "--data.batch_size", "2", "--data.eval_batch_size", "2",
+        "--data.max_length", "128", "--model.init_args.r", "4",
+        "--model.init_args.adapter_dir", str(tmp_path / "adapter"),
+        "--model.init_args.merged_dir", str(tmp_path / "merged"),
+    )  # fmt: skip
+    for split in ("train", "val", "test"):
+        args += [f"--data.{split}", f"{mr}/instruction/{split}.jsonl"]
+    cli = make_cli(args)
+    assert cli.trainer.global_step == 2
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "merged" / "config.json").exists() and (tmp_path / "merged" / "tokenizer_config.json").exists()
+    ckpt = next(tmp_path.glob("logs/version_0/checkpoints/*.ckpt"))
+    assert ckpt.stat().st_size < 50 * 2**20  # adapter-only: a full SmolLM2 checkpoint is over 500 MB

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import instruction_rows, sentiment_rows, tiny_bert, tiny_llama
+from conftest import LossRecorder, instruction_rows, sentiment_rows, tiny_bert, tiny_llama
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_ft import FineTuneDataModule, LoRAModule
@@ -15,14 +15,6 @@ from lightning_ft.callbacks.merge import export_adapters
 from lightning_ft.lora import inject_lora, load_peft_adapter, lora_layers
 
 LABELS = ["negative", "positive"]
-
-
-class LossRecorder(L.Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
 
 
 def trainer(tmp_path, max_steps=8, **kw):

@@ -7,20 +7,12 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import instruction_rows, sentiment_rows, tiny_bert, tiny_llama
+from conftest import LossRecorder, instruction_rows, sentiment_rows, tiny_bert, tiny_llama
 
 from lightning_ft import FineTuneDataModule, SFTModule
 from lightning_ft.modules.optim import decay_groups, warmup_decay
 
 LABELS = ["negative", "positive"]
-
-
-class LossRecorder(L.Callback):
-    def __init__(self):
-        self.losses = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
 
 
 def trainer(tmp_path, max_steps=20, **kw):

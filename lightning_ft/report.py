@@ -36,8 +36,7 @@ def plot_loss_curve(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, 
         steps, values = zip(*train)
         ax.plot(steps, values, alpha=0.35, label="train/loss")
         window = max(1, len(values) // 20)
-        smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
-        ax.plot(steps, smooth, label=f"train/loss (mean of {window})")
+        ax.plot(steps, running_mean(values, window), label=f"train/loss (mean of {window})")
     if val:
         ax.plot(*zip(*val), "o-", label="val/loss")
     ax.set_xlabel("step")
@@ -48,6 +47,15 @@ def plot_loss_curve(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, 
     fig.tight_layout()
     save_with_atomic(out_png, lambda p: fig.savefig(p, format="png", dpi=100))
     plt.close(fig)
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """Mean of the last ``window`` values at each point (fewer at the start)."""
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
 
 
 def majority_baseline(labels: list[int]) -> float:

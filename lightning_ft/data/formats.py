@@ -42,9 +42,9 @@ class DataFormat(Protocol):
         """Tokenise rows for prediction (no answer in the input)."""
 
 
-def require_columns(rows: list[dict], columns: list[str], split: str) -> None:
-    """Raise a clear error when any row lacks any of ``columns``."""
-    for idx, row in enumerate(rows):
+def require_columns(rows: list[dict], columns: list[str], split: str, first_row: int = 0) -> None:
+    """Raise a clear error when any row lacks any of ``columns`` (rows are numbered from ``first_row``)."""
+    for idx, row in enumerate(rows, first_row):
         missing = [c for c in columns if c not in row]
         if missing:
             raise KeyError(

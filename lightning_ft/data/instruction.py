@@ -83,9 +83,10 @@ class InstructionFormat:
     # ---- encoding --------------------------------------------------------------------------------------------
     def _check_columns(self, rows: list[dict], split: str, with_answer: bool) -> None:
         """Each row needs a messages column, or a prompt column (and a response column when training)."""
-        plain = [r for r in rows if self.messages_column not in r]
-        if plain:
-            require_columns(plain, [self.prompt_column] + ([self.response_column] if with_answer else []), split)
+        columns = [self.prompt_column] + ([self.response_column] if with_answer else [])
+        for idx, row in enumerate(rows):
+            if self.messages_column not in row:
+                require_columns([row], columns, split, first_row=idx)
 
     def encode_row(self, row: dict, tokenizer: PreTrainedTokenizerBase) -> Example:
         """Token ids and labels of one row, untruncated. Every assistant turn is trained on."""

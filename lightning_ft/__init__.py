@@ -3,10 +3,7 @@
 Public names are imported on first use, so light entry points (``python -m lightning_ft.data.mr``) start fast.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from lightning_ft._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -17,9 +14,4 @@ _EXPORTS = {
     "LoRAModule": "lightning_ft.modules.lora",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lightning_ft' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -1,9 +1,6 @@
 """Data: sources, task formats, collation and packing, and the shared ``FineTuneDataModule``."""
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from lightning_ft._lazy import lazy_getattr
 
 _EXPORTS = {
     "Collator": "lightning_ft.data.collate",
@@ -12,9 +9,4 @@ _EXPORTS = {
     "model_task_for": "lightning_ft.data.datamodule",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lightning_ft.data' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

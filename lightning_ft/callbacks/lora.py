@@ -45,19 +45,16 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_ft.lora import inject_lora, lora_layers
-from lightning_ft.lora.layer import INITS
+from lightning_ft.lora import inject_lora, lora_layers, lora_state_dict
+from lightning_ft.lora.inject import check_lora_args, is_adapter_param
 
 MARKER = "_lightning_ft_lora"  # attribute of the module: {"config": settings, "trainable": names that train}
-ADAPTER_PARTS = ("lora_A", "lora_B", "lora_magnitude")
 
 
 # ---- pure helpers ----------------------------------------------------------------------------------------------
 def adapter_state_keys(module: nn.Module) -> list[str]:
     """State-dict keys of an adapter-only checkpoint: adapter weights plus every other trainable parameter."""
-    return [
-        name for name, p in module.named_parameters() if p.requires_grad or name.rsplit(".", 1)[-1] in ADAPTER_PARTS
-    ]
+    return list(lora_state_dict(module))
 
 
 def state_dict_megabytes(state_dict: dict[str, Any]) -> float:
@@ -68,7 +65,7 @@ def parameter_table(module: nn.Module) -> str:
     """A Markdown table of adapter / other trainable / frozen / total parameter counts."""
     adapters = other = frozen = 0
     for name, p in module.named_parameters():
-        if name.rsplit(".", 1)[-1] in ADAPTER_PARTS:
+        if is_adapter_param(name):
             adapters += p.numel()
         elif p.requires_grad:
             other += p.numel()
@@ -139,12 +136,7 @@ class LoRA(L.Callback):
         modules_to_save: Sequence[str] | None = None,
         bias: Literal["none", "all", "lora_only"] = "none",
     ) -> None:
-        if r < 1:
-            raise ValueError(f"rank r must be >= 1, got {r}")
-        if bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
-        if init not in INITS:
-            raise ValueError(f"unknown LoRA init {init!r}; choose one of {list(INITS)}")
+        check_lora_args(r, bias, init)
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules, self.exclude_modules = target_modules, exclude_modules
         self.rank_pattern, self.alpha_pattern = rank_pattern, alpha_pattern

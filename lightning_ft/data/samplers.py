@@ -30,7 +30,7 @@ class EpochShuffleSampler(Sampler[int]):
         yield from torch.randperm(self.num_items, generator=g).tolist()
 
 
-class LengthGroupedSampler(Sampler[int]):
+class LengthGroupedSampler(EpochShuffleSampler):
     """Shuffle indices, cut them into mega-batches of ``batch_size * mega_batch_mult``, sort each by length.
 
     Consecutive runs of ``batch_size`` indices then have similar lengths while the epoch stays shuffled. The order
@@ -39,20 +39,12 @@ class LengthGroupedSampler(Sampler[int]):
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, mega_batch_mult: int = 50) -> None:
+        super().__init__(len(lengths), seed)
         self.lengths = lengths
         self.mega = max(1, batch_size * mega_batch_mult)
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(len(self.lengths), generator=g).tolist()
+        perm = list(super().__iter__())
         for start in range(0, len(perm), self.mega):
             chunk = perm[start : start + self.mega]
             yield from sorted(chunk, key=lambda i: -self.lengths[i])

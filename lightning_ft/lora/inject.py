@@ -8,10 +8,26 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lightning_ft.lora.layer import LoRALinear
+from lightning_ft.lora.layer import INITS, LoRALinear
 from lightning_ft.targets import match_pattern, select_modules
 
 Bias = Literal["none", "all", "lora_only"]
+#: last name part of every adapter parameter of a LoRALinear
+ADAPTER_PARTS = ("lora_A", "lora_B", "lora_magnitude")
+
+
+def is_adapter_param(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ADAPTER_PARTS
+
+
+def check_lora_args(r: int, bias: str, init: str) -> None:
+    """Fail early, with the allowed values, on a rank below 1 or an unknown ``bias`` / ``init``."""
+    if r < 1:
+        raise ValueError(f"rank r must be >= 1, got {r}")
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    if init not in INITS:
+        raise ValueError(f"unknown LoRA init {init!r}; choose one of {list(INITS)}")
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -55,10 +71,7 @@ def inject_lora(
     """
     if lora_layers(model):
         raise RuntimeError("the model already has LoRA adapters; inject once (merge_lora removes them)")
-    if bias not in ("none", "all", "lora_only"):
-        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
-    if r < 1:
-        raise ValueError(f"rank r must be >= 1, got {r}")
+    check_lora_args(r, bias, init)
     names = select_modules(model, target_modules, exclude_modules)
     model.requires_grad_(False)
     for name in names:
@@ -133,11 +146,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
         name: p.detach()
         for name, p in model.named_parameters()
-        if p.requires_grad or name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_magnitude")
+        if p.requires_grad or is_adapter_param(name)
     }
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
     """Freeze everything but the adapters (used after loading an adapter into a model)."""
     for name, p in model.named_parameters():
-        p.requires_grad_(name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_magnitude"))
+        p.requires_grad_(is_adapter_param(name))

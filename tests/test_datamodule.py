@@ -381,7 +381,8 @@ def test_instruction_choices_through_the_datamodule(tokenizer) -> None:
     dm = set_up(tokenizer, train=rows, val=rows, eval_batch_size=4)
     (batch,) = list(dm.val_dataloader())
     assert batch["choice_target"].tolist() == [1, 0, 1, 0]
-    assert batch["choice_input_ids"].shape[0] == 8  # 4 rows x 2 choices
+    assert batch["choice_ids"].shape[0] == 8  # 4 rows x 2 choices
+    assert batch["choice_prompt_mask"][:, -1].all()  # prompts are left-padded
 
 
 # --- LengthGroupedSampler --------------------------------------------------------------------------------------

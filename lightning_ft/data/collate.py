@@ -33,8 +33,9 @@ class Collator:
         restart at 0 per example, which transformers turns into a block-diagonal causal mask);
       * ``labels``: (B, T) with -100 on prompt and padding for causal LM, or (B,) class ids for classification;
       * ``token_type_ids`` (B, T) when the tokenizer makes them;
-      * for rows with choices: ``choice_input_ids`` / ``choice_attention_mask`` / ``choice_labels`` (B*K, L), the
-        prompt followed by each of the K choices with labels only on the choice tokens, and ``choice_target`` (B,).
+      * for rows with choices (see ``lightning_ft.scoring``): ``choice_prompt_ids`` / ``choice_prompt_mask`` (B, P),
+        the prompts left-padded; ``choice_ids`` / ``choice_mask`` (B*K, C), the K choices' tokens of each prompt,
+        right-padded; ``choice_target`` (B,) the index of the right choice (-100 when unknown).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, padding_side: str = "right") -> None:
@@ -68,16 +69,15 @@ class Collator:
         num_choices = {len(e["choice_ids"]) for e in examples}
         if len(num_choices) != 1:
             raise ValueError(f"every row must have the same number of choices, got {sorted(num_choices)}")
-        seqs, labels = [], []
-        for e in examples:
-            for cont in e["choice_ids"]:
-                seqs.append(e["prompt_ids"] + cont)
-                labels.append([IGNORE_INDEX] * len(e["prompt_ids"]) + cont)
-        length = _round_up(max(len(s) for s in seqs), self.pad_to_multiple_of)
+        prompts = [e["prompt_ids"] for e in examples]
+        choices = [cont for e in examples for cont in e["choice_ids"]]
+        prompt_len = _round_up(max(map(len, prompts)), self.pad_to_multiple_of)
+        choice_len = max(map(len, choices))
         return {
-            "choice_input_ids": _pad(seqs, self.pad_token_id, length),
-            "choice_attention_mask": _pad([[1] * len(s) for s in seqs], 0, length),
-            "choice_labels": _pad(labels, IGNORE_INDEX, length),
+            "choice_prompt_ids": _pad(prompts, self.pad_token_id, prompt_len, left=True),
+            "choice_prompt_mask": _pad([[1] * len(p) for p in prompts], 0, prompt_len, left=True),
+            "choice_ids": _pad(choices, self.pad_token_id, choice_len),
+            "choice_mask": _pad([[1] * len(c) for c in choices], 0, choice_len),
             "choice_target": torch.tensor([e["choice_label"] for e in examples], dtype=torch.long),
         }
 

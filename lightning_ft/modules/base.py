@@ -20,7 +20,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_ft import metrics as M
 from lightning_ft.io import write_text_atomic
-from lightning_ft.modules.objectives import next_token_targets, row_logprobs, target_mask, token_sums
+from lightning_ft.modules.objectives import next_token_targets, target_mask, token_sums
+from lightning_ft.scoring import score_choices as choice_logprobs
 from lightning_ft.modules.optim import decay_groups, warmup_decay
 
 ModelTask = Literal["causal_lm", "classification"]
@@ -51,6 +52,8 @@ class FineTuneModule(L.LightningModule):
         dtype: weight dtype at load (``"float32"`` default, ``"bfloat16"``); mixed precision is the Trainer's
             ``precision`` setting.
         max_new_tokens: generation length in ``predict_step`` for causal LMs.
+        eval_lm_loss: in validation / test of causal-LM rows that have ``choices``, also compute the LM loss and
+            perplexity of the answers (one more forward pass over prompt + answer). ``False`` only scores the choices.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class FineTuneModule(L.LightningModule):
         dtype: str | None = None,
         trust_remote_code: bool = False,
         max_new_tokens: int = 32,
+        eval_lm_loss: bool = True,
     ) -> None:
         super().__init__()
         if task not in ("causal_lm", "classification"):
@@ -150,7 +154,7 @@ class FineTuneModule(L.LightningModule):
         return self._logits_to_keep
 
     # ---- steps -----------------------------------------------------------------------------------------------
-    def step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    def step(self, batch: dict[str, Tensor], stage: str) -> Tensor | None:
         if self.task == "classification":
             logits = self(batch)
             loss = F.cross_entropy(logits.float(), batch["labels"])
@@ -159,12 +163,15 @@ class FineTuneModule(L.LightningModule):
             if stage == "test":
                 self.confusion.update(logits.detach().argmax(-1), batch["labels"])
         else:
+            scored = stage != "train" and "choice_ids" in batch
+            if scored:
+                self.score_choices(batch, stage)
+                if not self.hparams.eval_lm_loss:
+                    return None
             logits = self.target_logits(batch, batch["labels"])
             nll_sum, num_tokens, num_correct = token_sums(logits, next_token_targets(batch["labels"]))
             loss = nll_sum / num_tokens.clamp(min=1)
             self.metrics[f"{stage}_"].update(nll_sum.detach(), num_tokens, num_correct)
-            if stage != "train" and "choice_input_ids" in batch:
-                self.score_choices(batch, stage)
         check_finite(loss, self.global_step, stage)
         return loss
 
@@ -181,9 +188,9 @@ class FineTuneModule(L.LightningModule):
 
     def score_choices(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         """Score each choice by its log-likelihood after the prompt; update ``{stage}/choice_*`` metrics. (B, K)."""
-        inputs = {"input_ids": batch["choice_input_ids"], "attention_mask": batch["choice_attention_mask"]}
-        logits = self.target_logits(inputs, batch["choice_labels"])
-        scores = row_logprobs(logits, batch["choice_labels"]).view(len(batch["choice_target"]), -1)
+        scores = choice_logprobs(
+            self.model, batch["choice_prompt_ids"], batch["choice_prompt_mask"], batch["choice_ids"], batch["choice_mask"]
+        )
         if self.choice_metrics is None:
             names = [str(i) for i in range(scores.shape[1])]
             self.choice_metrics = nn.ModuleDict(

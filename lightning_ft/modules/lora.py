@@ -68,13 +68,14 @@ class LoRAModule(FineTuneModule):
         dtype: str | None = None,
         trust_remote_code: bool = False,
         max_new_tokens: int = 32,
+        eval_lm_loss: bool = True,
     ) -> None:
         super().__init__(
             model_name_or_path=model_name_or_path, task=task, labels=labels, model=model,
             learning_rate=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps, warmup_steps=warmup_steps,
             warmup_ratio=warmup_ratio, scheduler=scheduler, min_lr_ratio=min_lr_ratio,
             gradient_checkpointing=gradient_checkpointing, dtype=dtype, trust_remote_code=trust_remote_code,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max_new_tokens, eval_lm_loss=eval_lm_loss,
         )  # fmt: skip
         if loraplus_lr_ratio is not None and loraplus_lr_ratio <= 0:
             raise ValueError(f"loraplus_lr_ratio must be positive, got {loraplus_lr_ratio}")

@@ -1,4 +1,4 @@
-"""Pure-torch losses shared by the modules: next-token sums and multiple-choice log-likelihood scores.
+"""Pure-torch losses shared by the modules: next-token sums at the target positions.
 
 Causal-LM losses work on the *target positions* only: the positions t whose next token t + 1 has a label. With prompt
 masking that is a small share of all positions, so the model is asked for logits there alone (transformers'
@@ -38,19 +38,3 @@ def token_sums(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]
 def causal_lm_sums(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``token_sums`` from full (B, T, V) logits and (B, T) labels (-100 where no loss is taken)."""
     return token_sums(logits[target_mask(labels)], next_token_targets(labels))
-
-
-def row_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
-    """Summed log-probability of each row's targets.
-
-    Args:
-        logits: (N, V) at the True positions of ``target_mask(labels)``, row-major.
-        labels: (R, T), -100 outside the scored span.
-
-    Returns:
-        (R,) float32 log P(scored tokens | preceding tokens).
-    """
-    targets = next_token_targets(labels)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
-    rows = target_mask(labels).nonzero()[:, 0]
-    return torch.zeros(labels.shape[0], device=logp.device).index_add_(0, rows, logp)

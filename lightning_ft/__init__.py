@@ -12,6 +12,7 @@ _EXPORTS = {
     "FineTuneModule": "lightning_ft.modules.base",
     "SFTModule": "lightning_ft.modules.sft",
     "LoRAModule": "lightning_ft.modules.lora",
+    "SparseModule": "lightning_ft.modules.sparse",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -6,6 +6,10 @@
 
 A recipe states the model once (``model.init_args.model_name_or_path``) and the data task once (``data.task``);
 the CLI links them to the data module's tokenizer and the module's task and labels.
+
+Distributed: ``--trainer.strategy adapter_ddp`` (or ``adapter_fsdp2``, ``adapter_fsdp1``; see
+``lightning_ft.strategies``) with ``--trainer.devices`` and ``--trainer.num_nodes``; ``recipes/launch_torchrun.sh``
+and ``recipes/launch_slurm.sbatch`` start the processes on several nodes.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
+import lightning_ft.strategies  # noqa: F401  registers --trainer.strategy adapter_ddp / adapter_fsdp2 / adapter_fsdp1
 from lightning_ft.data.datamodule import FineTuneDataModule, model_task_for
 from lightning_ft.modules.base import FineTuneModule
 

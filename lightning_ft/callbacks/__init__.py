@@ -1,8 +1,10 @@
 """Lightning callbacks: thin shells that decide *when* the pure-torch core runs."""
 
+from lightning_ft.callbacks.compress import LowRankCompression
 from lightning_ft.callbacks.lora import LoRA
 from lightning_ft.callbacks.merge import MergeAdapters
 from lightning_ft.callbacks.prediction_writer import PredictionWriter
+from lightning_ft.callbacks.sparse import SparseMask
 from lightning_ft.callbacks.throughput import TokenThroughput
 
-__all__ = ["LoRA", "MergeAdapters", "PredictionWriter", "TokenThroughput"]
+__all__ = ["LoRA", "LowRankCompression", "MergeAdapters", "PredictionWriter", "SparseMask", "TokenThroughput"]

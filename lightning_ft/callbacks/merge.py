@@ -1,10 +1,15 @@
-"""``MergeAdapters``: at the end of ``fit``, export the LoRA adapter (peft format) and / or the merged model.
+"""``MergeAdapters``: at the end of ``fit``, export the LoRA adapter (peft format) or the sparse deltas
+(``lightning_ft.sparse.export``: indices and values) and / or the merged model.
 
 The merged folder is a plain Hugging Face model (``save_pretrained``, plus the tokenizer when there is one):
 ``AutoModelFor*.from_pretrained(merged_dir)`` loads it without lightning-ft. Merging happens in place on every rank
 (in float32, cast back to the base dtype), so after ``fit`` the in-memory module holds the merged model with no
 adapters and keeps working: ``trainer.validate`` / ``test`` / ``predict`` evaluate the merged model, and the
 ``LoRA`` callback does not inject again for them. Only global rank 0 writes; every write is atomic.
+
+A sharded model (FSDP2, ``DTensor`` parameters) is gathered instead: every rank takes part in gathering the full
+state dict, global rank 0 alone receives it (on the CPU), folds the adapters into it and writes both folders. The
+sharded module keeps its adapters, unmerged, so evaluation after ``fit`` runs on the adapters (the same function).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_ft.io import atomic_path
-from lightning_ft.lora import lora_layers, merge_lora
+from lightning_ft.lora import lora_layers, merge_lora, merged_state_dict
+from lightning_ft.sparse import merge_sparse, save_sparse_delta, sparse_layers
+from lightning_ft.strategies.sharding import full_state_dict, is_sharded
 
 
 def find_hf_model(module: nn.Module) -> tuple[str, nn.Module]:
@@ -48,38 +55,59 @@ def export_adapters(
     tokenizer: Any = None,
     write: bool = True,
 ) -> None:
-    """Write ``module``'s Hugging Face model's adapter to ``adapter_dir`` (peft format), then merge the adapters
-    of ``module`` into their base weights (in place) and write the merged model to ``merged_dir``.
+    """Write ``module``'s Hugging Face model's adapter to ``adapter_dir`` (peft format; sparse deltas in
+    ``lightning_ft.sparse.export``'s format), then merge the adapters / deltas of ``module`` into their base weights
+    (in place) and write the merged model to ``merged_dir``.
 
-    ``write=False`` merges without writing (the other ranks of a distributed run).
+    ``write=False`` merges without writing (the other ranks of a distributed run). A sharded ``module`` is not
+    changed: every rank must call this (it gathers the shards), and the writing rank must be rank 0, the one that
+    receives the full tensors.
     """
     prefix, hf_model = find_hf_model(module)
     layers = lora_layers(module)
-    if not layers:
-        raise RuntimeError(f"{type(module).__name__} has no LoRA adapters to export (add the LoRA callback)")
-    if any(type(p).__name__ == "DTensor" for p in module.parameters()):
-        raise NotImplementedError("the model is sharded (FSDP2): gather a full state dict before merging adapters")
-    outside = [n for n in layers if not (n.startswith(prefix + ".") or not prefix)]
+    sparse = sparse_layers(module)
+    sparse_only = not layers and (bool(sparse) or "sparse_extra_params" in module.__dict__)  # BitFit: no layers
+    if not layers and not sparse_only:
+        raise RuntimeError(
+            f"{type(module).__name__} has no LoRA adapters or sparse deltas to export (add the LoRA or SparseMask "
+            "callback)"
+        )
+    sharded = is_sharded(module)
+    if sharded and sparse_only:
+        raise NotImplementedError("exporting sparse deltas of a sharded (FSDP2) model is not supported")
+    state = full_state_dict(hf_model) if sharded else None
+    if sharded and write and not state:
+        raise RuntimeError("only rank 0 receives the tensors gathered from a sharded model; write from rank 0")
+    outside = [n for n in [*layers, *sparse] if not (n.startswith(prefix + ".") or not prefix)]
     if outside:
         rank_zero_warn(f"MergeAdapters: adapters outside the Hugging Face model are merged, not saved: {outside[:3]}")
-    if adapter_dir is not None and write:
+    if adapter_dir is not None and write and sparse_only:
+        selection = getattr(module, "_lightning_ft_sparse", {}).get("config")  # the SparseMask settings, if any
+        extra = _relative(module.__dict__.get("sparse_extra_params", []), prefix)  # relative to the HF model
+        metadata = {"selection": selection} if selection else None
+        save_sparse_delta(hf_model, adapter_dir, base_model_name_or_path, extra, metadata=metadata)
+        rank_zero_info(f"MergeAdapters: wrote the sparse deltas to {adapter_dir}")
+    elif adapter_dir is not None and write:
         from lightning_ft.lora.peft_format import save_peft_adapter
 
         own = "lora_modules_to_save" in hf_model.__dict__
         if not own:  # inject_lora(module) records names relative to the module; peft wants them relative to the model
             hf_model.lora_modules_to_save = _relative(list(getattr(module, "lora_modules_to_save", [])), prefix)
         try:
-            save_peft_adapter(hf_model, adapter_dir, base_model_name_or_path=base_model_name_or_path)
+            save_peft_adapter(hf_model, adapter_dir, base_model_name_or_path=base_model_name_or_path, state_dict=state)
         finally:
             if not own:
                 del hf_model.lora_modules_to_save
         rank_zero_info(f"MergeAdapters: wrote the peft adapter to {adapter_dir}")
-    if merged_dir is None:
+    if merged_dir is None or (sharded and not write):
         return
-    merge_lora(module)
+    if not sharded and layers:
+        merge_lora(module)
+    if sparse:
+        merge_sparse(module)
     if write:
         with atomic_path(merged_dir) as tmp:
-            hf_model.save_pretrained(tmp)
+            hf_model.save_pretrained(tmp, state_dict=merged_state_dict(hf_model, state) if sharded else None)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         what = "model and tokenizer" if tokenizer is not None else "model (no tokenizer found)"
@@ -102,8 +130,9 @@ def _tokenizer(trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
 
 
 class MergeAdapters(L.Callback):
-    """At ``on_fit_end``: write the adapter in peft format to ``adapter_dir`` and / or merge the adapters into the
-    model and write it (with the tokenizer) to ``merged_dir`` as a plain Hugging Face model.
+    """At ``on_fit_end``: write the adapter in peft format (``SparseMask``'s deltas: indices and values, see
+    ``lightning_ft.sparse.export``) to ``adapter_dir`` and / or merge the adapters into the model and write it (with
+    the tokenizer) to ``merged_dir`` as a plain Hugging Face model.
 
     ``base_model_name_or_path`` goes into ``adapter_config.json`` (default: the model's ``name_or_path``). After a
     merge the module holds the merged model without adapters (see the module docstring).

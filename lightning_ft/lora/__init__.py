@@ -6,6 +6,7 @@ from lightning_ft.lora.inject import (
     lora_state_dict,
     mark_only_lora_trainable,
     merge_lora,
+    merged_state_dict,
     unmerge_lora,
 )
 from lightning_ft.lora.layer import LoRALinear
@@ -19,6 +20,7 @@ __all__ = [
     "lora_state_dict",
     "mark_only_lora_trainable",
     "merge_lora",
+    "merged_state_dict",
     "save_peft_adapter",
     "unmerge_lora",
 ]

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lightning_ft.lora.layer import INITS, LoRALinear
+from lightning_ft.lora.layer import INITS, LoRALinear, fold_lora
 from lightning_ft.targets import match_pattern, select_modules
 
 Bias = Literal["none", "all", "lora_only"]
@@ -138,6 +138,27 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     for layer in layers.values():
         layer.unmerge()
     return model
+
+
+def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What ``merge_lora(model).state_dict()`` would hold, computed from ``state_dict`` without changing ``model``.
+
+    ``state_dict`` holds full tensors under ``model.state_dict()``'s keys (e.g. gathered from FSDP shards on one
+    rank); ``model`` supplies each adapter's scale and variant. Adapter weights are dropped, each base weight gets its
+    adapter folded in (float32 math, cast back to its dtype) and the wrappers' ``.base_layer`` leaves the keys.
+    """
+    out = dict(state_dict)
+    for name, layer in lora_layers(model).items():
+        if layer.merged:
+            raise RuntimeError(f"the adapter of {name} is already merged into its base weight")
+        p = f"{name}." if name else ""
+        w, lora_a, lora_b = out.pop(f"{p}base_layer.weight"), out.pop(f"{p}lora_A"), out.pop(f"{p}lora_B")
+        magnitude = out.pop(f"{p}lora_magnitude", None) if layer.use_dora else None
+        merged, _ = fold_lora(w.T if layer.fan_in_fan_out else w, lora_a, lora_b, layer.scaling, magnitude)
+        out[f"{p}weight"] = (merged.T if layer.fan_in_fan_out else merged).to(w.dtype).contiguous()
+        for key in [k for k in out if k.startswith(f"{p}base_layer.")]:
+            out[p + key.removeprefix(f"{p}base_layer.")] = out.pop(key)
+    return out
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

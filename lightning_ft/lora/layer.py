@@ -28,6 +28,18 @@ def linear_shape(layer: nn.Module) -> tuple[int, int, bool]:
     raise TypeError(f"LoRA wraps nn.Linear or transformers' Conv1D, not {type(layer).__name__}")
 
 
+def fold_lora(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, magnitude: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """``W + scale * B @ A`` in float32 for an (out, in) ``weight``; with DoRA's ``magnitude`` each row is rescaled
+    to it. Returns ``(merged, norm)``: ``norm`` is the row norm DoRA divided by (``None`` without DoRA)."""
+    merged = weight.float() + scaling * (lora_B.float() @ lora_A.float())
+    if magnitude is None:
+        return merged, None
+    norm = torch.linalg.norm(merged, dim=1)
+    return merged * (magnitude.float() / norm)[:, None], norm
+
+
 class LoRALinear(nn.Module):
     """``y = base(x) + scale * B(A(dropout(x)))`` with ``base`` frozen.
 
@@ -117,7 +129,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return result
         dx = self.dropout(x).to(self.lora_A.dtype)
-        lora = F.linear(F.linear(dx, self.lora_A), self.lora_B) * self.scaling
+        lora = F.linear(F.linear(dx, self.lora_A) * self.scaling, self.lora_B)  # scale the (.., r) tensor: cheaper
         if not self.use_dora:
             return result + lora.to(result.dtype)
         # DoRA: m * (W + sBA) x / ||W + sBA||  =  base(x) + (m/n - 1) W x + (m/n) sBA x   (bias unchanged)
@@ -134,11 +146,8 @@ class LoRALinear(nn.Module):
         """Fold the adapter into the base weight, in float32, then cast back to the base dtype."""
         if self.merged:
             raise RuntimeError("this LoRA layer is already merged; unmerge it first")
-        w = self.base_weight().float()
-        merged = w + self.delta_weight()
-        if self.use_dora:
-            self._merged_norm = torch.linalg.norm(merged, dim=1)
-            merged = merged * (self.lora_magnitude.float() / self._merged_norm)[:, None]
+        magnitude = self.lora_magnitude if self.use_dora else None
+        merged, self._merged_norm = fold_lora(self.base_weight(), self.lora_A, self.lora_B, self.scaling, magnitude)
         self._write_base_weight(merged)
         self.merged = True
 

@@ -129,6 +129,7 @@ def save_peft_adapter(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     bias: str | None = None,
+    state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write the adapters of ``model`` (after ``inject_lora``) as a peft adapter folder, atomically.
 
@@ -137,7 +138,8 @@ def save_peft_adapter(
     question answering peft always loads the head (``classifier`` / ``score`` / ``qa_outputs``), so its current
     weights are written as a module to save even when it was not trained. ``bias`` defaults to the mode
     ``inject_lora`` recorded (``model.lora_bias``), else to what the model trains (``"all"``, ``"lora_only"`` or
-    ``"none"``, read from ``requires_grad``).
+    ``"none"``, read from ``requires_grad``). ``state_dict``: the tensors to write, under ``model.state_dict()``'s
+    keys, instead of the model's own (full tensors gathered from a sharded model).
     """
     layers = lora_layers(model)
     if not layers:
@@ -167,9 +169,11 @@ def save_peft_adapter(
         config["target_modules"] = _exact_regex(layers)
     if _peft_layers(config, names) != wanted:
         raise RuntimeError(f"cannot express these adapters as a peft config: {config}")
-    tensors = {
-        k: t.detach().to("cpu", copy=True).contiguous() for k, t in _adapter_tensors(model, layers, saved, bias).items()
-    }
+    live = _adapter_tensors(model, layers, saved, bias)
+    if state_dict is not None:
+        key_of = {id(t): key for key, t in model.state_dict(keep_vars=True).items()}
+        live = {k: state_dict[key_of[id(t)]] for k, t in live.items()}
+    tensors = {k: t.detach().to("cpu", copy=True).contiguous() for k, t in live.items()}
     with atomic_path(path) as tmp:
         tmp.mkdir()
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

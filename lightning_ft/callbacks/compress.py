@@ -1,0 +1,217 @@
+"""``LowRankCompression``: factorise the module's linear layers (SVD / activation-aware SVD) before training.
+
+Recovery. Compression loses quality; a short fine-tuning run wins most of it back. Combine with::
+
+    L.Trainer(callbacks=[
+        LowRankCompression(param_ratio=0.5, method="asvd", calibration_batches=8),
+        LoRA(r=8),                                 # adapters on each factor (q_proj.first, q_proj.second, ...)
+        MergeAdapters(merged_dir="out/merged"),    # merged into the factors: the model stays compressed
+    ])
+
+- with ``LoRA``: only the adapters train; merging folds them into the two factors, so the merged model keeps the
+  factorised shape and the parameter savings. The merged folder is a Hugging Face folder whose ``config.json``
+  records the ranks: reload it with ``lightning_ft.compress.load_compressed`` (a plain ``from_pretrained`` would
+  leave the factorised layers randomly initialised; ``densify_low_rank`` exports a standard dense model).
+- with ``SparseMask``: its ``target_modules="all-linear"`` selects the factors, so a sparse subset of their entries
+  trains.
+- alone: every parameter, factors included, trains (full fine-tuning of the smaller model).
+
+A target list such as ``["q_proj", "v_proj"]`` names the original layers for compression and, after it, selects
+both factors of those layers for LoRA / sparse training.
+
+When it runs. Like ``LoRA`` and ``SparseMask`` (see ``lightning_ft.callbacks.surgery``), ``setup`` installs a
+one-shot wrapper as the module's ``configure_model``: compression runs right after the module's own
+``configure_model``, before the checkpoint is restored, before DDP / FSDP wrapping and before the optimizer is built.
+It always runs before their injection, whatever the order in ``callbacks``: when such a callback set up earlier
+(its ``_patched = (module, previous configure_model)`` is pending), this wrapper slots in underneath it. ``method="asvd"`` takes its
+``calibration_batches`` from the current stage's dataloader (the train loader in ``fit``: the data module's
+``train_dataloader``), outside the global random stream, so the training shuffle is the same with or without it;
+activation statistics are summed over all ranks, so every rank factorises identically. ``validate`` / ``test`` /
+``predict`` after ``fit`` find the module compressed with the same settings and leave it alone.
+
+Checkpoints hold the compressed weights (or, with ``LoRA``, only the adapters: on resume the base is compressed
+again from the pretrained weights, which gives the same factors for ``svd``, and for ``asvd`` when the calibration
+batches are the same, i.e. with the same seed and data). The spec of the ranks is stored in the checkpoint under
+``"lightning_ft_low_rank"``. Compression needs materialised weights: not a model created on the meta device.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_ft.compress import compress_low_rank, low_rank_layers, low_rank_spec
+from lightning_ft.compress.calibration import move_to
+from lightning_ft.compress.compress import check_compress_args
+from lightning_ft.compress.report import CompressionReport
+
+MARKER = "_lightning_ft_low_rank"  # attribute of the module: the settings it was compressed with
+#: batch keys passed to a Hugging Face model during calibration (labels left out: no loss needed)
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+
+
+def _patch_owner(callback: Any, module: L.LightningModule) -> bool:
+    """True when ``callback`` holds a pending configure_model wrapper for ``module`` (``_patched = (module, prev)``)."""
+    patched = getattr(callback, "_patched", None)
+    return isinstance(patched, tuple) and len(patched) >= 2 and patched[0] is module
+
+
+def default_calibration_forward(pl_module: L.LightningModule, batch: Any) -> None:
+    """Run the module's Hugging Face model on the batch's model inputs, else ``pl_module(batch)``."""
+    from lightning_ft.callbacks.lora import top_level_hf_models
+
+    models = top_level_hf_models(pl_module)
+    if models and isinstance(batch, dict):
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        if "use_cache" in inspect.signature(models[0].forward).parameters:
+            inputs["use_cache"] = False  # no KV cache for a one-off forward
+        models[0](**inputs)
+    else:
+        pl_module(batch)
+
+
+class LowRankCompression(L.Callback):
+    """Replace the LightningModule's targeted linear layers by low-rank factor pairs before training.
+
+    Takes the budget and method arguments of ``lightning_ft.compress.compress_low_rank`` (exactly one of
+    ``rank_ratio``, ``energy``, ``param_ratio``). ``calibration_batches``: how many batches of the stage's
+    dataloader feed ``method="asvd"``'s activation statistics. ``calibration_forward(pl_module, batch)`` runs one
+    calibration batch (default: the module's Hugging Face model on ``input_ids`` / ``attention_mask`` / ...).
+    After compression, ``report`` holds the ``CompressionReport``; the summary goes to the log and the totals to
+    the loggers (``compress/*``). See the module docstring for recovery with ``LoRA`` / ``SparseMask``.
+    """
+
+    def __init__(
+        self,
+        rank_ratio: float | None = None,
+        energy: float | None = None,
+        param_ratio: float | None = None,
+        method: Literal["svd", "asvd"] = "svd",
+        calibration_batches: int = 8,
+        target_modules: str | Sequence[str] = "all-linear",
+        exclude_modules: str | Sequence[str] | None = None,
+        activation_statistic: Literal["abs_mean", "rms"] = "abs_mean",
+        asvd_alpha: float = 0.5,
+        calibration_forward: Callable[[L.LightningModule, Any], Any] | None = None,
+    ) -> None:
+        check_compress_args(method, rank_ratio, energy, param_ratio)
+        if method == "asvd" and calibration_batches < 1:
+            raise ValueError(f"method='asvd' needs calibration_batches >= 1, got {calibration_batches}")
+        self.rank_ratio, self.energy, self.param_ratio, self.method = rank_ratio, energy, param_ratio, method
+        self.calibration_batches = calibration_batches
+        self.target_modules, self.exclude_modules = target_modules, exclude_modules
+        self.activation_statistic, self.asvd_alpha = activation_statistic, asvd_alpha
+        self.calibration_forward = calibration_forward or default_calibration_forward
+        self.report: CompressionReport | None = None
+        self._patched: tuple | None = None  # (module, previous, wrapper, trainer) while the wrapper is pending
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The ``compress_low_rank`` keyword arguments (calibration excluded)."""
+        names = ("rank_ratio", "energy", "param_ratio", "method", "target_modules", "exclude_modules",
+                 "activation_statistic", "asvd_alpha")  # fmt: skip
+        out = {k: getattr(self, k) for k in names}
+        if self.method == "asvd":
+            out["calibration_batches"] = self.calibration_batches
+        return out
+
+    # ---- the one-shot configure_model wrapper -----------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if any(isinstance(cb, LowRankCompression) and cb is not self for cb in trainer.callbacks):
+            raise RuntimeError("more than one LowRankCompression callback in the Trainer; compress once")
+        self._unpatch()
+
+        def configure_model() -> None:  # no functools.wraps, as in the LoRA callback
+            self._unpatch()
+            pl_module.configure_model()
+            self.compress_into(trainer, pl_module)
+
+        hosts = [cb for cb in trainer.callbacks if cb is not self and _patch_owner(cb, pl_module)]
+        if hosts:  # e.g. LoRA listed first already wrapped configure_model: go underneath its (innermost) wrapper
+            host = hosts[0]
+            previous = host._patched[1]
+            host._patched = (pl_module, configure_model, *host._patched[2:])
+        else:
+            previous = pl_module.__dict__.get("configure_model")
+            pl_module.configure_model = configure_model
+        self._patched = (pl_module, previous, configure_model, trainer)
+
+    def _unpatch(self) -> None:
+        """Take the wrapper out of the chain: whoever points at it (the module, another callback) gets its previous."""
+        if self._patched is None:
+            return
+        module, previous, wrapper, trainer = self._patched
+        self._patched = None
+        if module.__dict__.get("configure_model") is wrapper:
+            if previous is None:
+                module.__dict__.pop("configure_model", None)
+            else:
+                module.configure_model = previous
+        for cb in trainer.callbacks:
+            if cb is not self and _patch_owner(cb, module) and cb._patched[1] is wrapper:
+                cb._patched = (module, previous, *cb._patched[2:])
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._unpatch()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._unpatch()
+
+    # ---- compression --------------------------------------------------------------------------------------------
+    def compress_into(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Compress the module (or keep what these settings compressed before) and report the parameter counts."""
+        marker = getattr(pl_module, MARKER, None)
+        if marker is not None:
+            if marker == self.settings and low_rank_layers(pl_module):
+                return  # a later validate / test / predict (or fit) on the module compressed before
+            raise RuntimeError(
+                f"the module was compressed before with {marker}; a second compression with {self.settings} "
+                "would factorise the factors again"
+            )
+        calibration = self._calibration(trainer, pl_module) if self.method == "asvd" else None
+        kwargs = {k: v for k, v in self.settings.items() if k != "calibration_batches"}
+        report = compress_low_rank(pl_module, calibration=calibration, **kwargs)
+        setattr(pl_module, MARKER, self.settings)
+        self.report = report
+        rank_zero_info(f"LowRankCompression: {report.summary()}\n{report.table(max_rows=24)}")
+        metrics = {
+            "compress/params_before": float(report.params_before), "compress/params_after": float(report.params_after),
+            "compress/targeted_before": float(report.targeted_before),
+            "compress/targeted_after": float(report.targeted_after),
+            "compress/layers_factorized": float(len(report.factorized)),
+        }  # fmt: skip
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=0)
+
+    def _calibration(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Callable[[Any], None]:
+        """For ``compress_low_rank``: a callable running the first ``calibration_batches`` of the stage's loader."""
+        fn = trainer.state.fn.value if trainer.state.fn is not None else "fit"
+        loop = {"fit": trainer.fit_loop, "validate": trainer.validate_loop, "test": trainer.test_loop,
+                "predict": trainer.predict_loop}[fn]  # fmt: skip
+        loader = loop._data_source.dataloader()
+        if loader is None:
+            raise ValueError(f"LowRankCompression(method='asvd') needs calibration batches: {fn} has no dataloader")
+        if isinstance(loader, (list, tuple)):  # several evaluation loaders: the first
+            loader = loader[0]
+
+        def run(model: Any) -> None:
+            device = next(pl_module.parameters()).device
+            with torch.random.fork_rng(devices=[]):  # leave the training shuffle as it would be without compression
+                batches = list(itertools.islice(iter(loader), self.calibration_batches))
+            if not batches:
+                raise ValueError(f"LowRankCompression(method='asvd'): the {fn} dataloader gave no batches")
+            for batch in batches:
+                self.calibration_forward(pl_module, move_to(batch, device))
+
+        return run
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if low_rank_layers(pl_module):
+            checkpoint["lightning_ft_low_rank"] = low_rank_spec(pl_module)

@@ -1,0 +1,159 @@
+"""``AdapterFSDP2Strategy``: FSDP2 (``fully_shard``) through Lightning's ``ModelParallelStrategy``, sharded after the
+adapters are injected.
+
+Lightning expects ``fully_shard`` in the module's ``configure_model``, but the ``LoRA`` / ``SparseMask`` callbacks
+inject right after that hook (their one-shot ``configure_model`` wrapper), so sharding there would come too early.
+This strategy shards in ``setup`` instead: after ``configure_model`` and the injection, before the optimizer is built
+and before a checkpoint is restored (``restore_checkpoint_after_setup``). The mesh is one data-parallel dimension
+over every rank (Lightning's default would make the processes of a node a tensor-parallel group).
+
+Checkpoints are sharded ``.distcp`` folders. The ``LoRA`` callback keeps only the adapters in them; Lightning's
+loader asks the checkpoint for every key of the model, so ``load_checkpoint`` here loads the keys the checkpoint
+holds when the module loads non-strictly (the callback checks that they are exactly the trainable ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
+from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_ft.strategies.common import AdapterStrategyMixin, as_timeout, check_world_size
+from lightning_ft.strategies.sharding import parallelize
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def mixed_precision_policy(param_dtype: str | None, reduce_dtype: str | None):
+    """A ``MixedPrecisionPolicy`` from dtype names; ``None`` for full precision."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    for name in (param_dtype, reduce_dtype):
+        if name is not None and name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; choose one of {list(DTYPES)}")
+    if param_dtype is None and reduce_dtype is None:
+        return None
+    return MixedPrecisionPolicy(
+        param_dtype=getattr(torch, param_dtype) if param_dtype else None,
+        reduce_dtype=getattr(torch, reduce_dtype) if reduce_dtype else None,
+    )
+
+
+@contextmanager
+def configure_model_overridden(module: L.LightningModule) -> Iterator[None]:
+    """Make Lightning see an overridden ``configure_model`` for the duration.
+
+    ``ModelParallelStrategy.setup`` insists on one because it expects the module to shard itself there; this
+    strategy shards in ``setup``, so a module that builds its model in ``__init__`` is fine.
+    """
+    if is_overridden("configure_model", module):
+        yield
+        return
+    module.configure_model = lambda: None
+    try:
+        yield
+    finally:
+        del module.configure_model
+
+
+def checkpoint_model_keys(path: Path) -> set[str]:
+    """The model state-dict keys a sharded (``.distcp``) Lightning checkpoint holds."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k.removeprefix("state_dict.") for k in keys if k.startswith("state_dict.")}
+
+
+class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
+    """FSDP2 for adapter training (and full fine-tuning): registered as ``"adapter_fsdp2"``. Runs on CPU with gloo.
+
+    Args:
+        block_classes: class names of the blocks to shard one by one; default: the Hugging Face model's
+            ``_no_split_modules`` (``LlamaDecoderLayer``, ...).
+        activation_checkpointing: recompute block activations in the backward pass (Hugging Face's non-reentrant
+            checkpointing, so parameter names do not change).
+        param_dtype, reduce_dtype: FSDP2 mixed precision (``"bfloat16"``, ...): the dtype of the gathered weights in
+            forward / backward and of the gradient reduction; the sharded weights and the optimizer stay in theirs.
+        reshard_after_forward: free gathered weights after each block's forward (less memory, one more all-gather).
+        save_distributed_checkpoint: ``True`` writes sharded ``.distcp`` folders; ``False`` one full file from rank 0.
+        timeout: seconds a rank waits in a collective before failing (``None``: torch's 30 minutes).
+    """
+
+    def __init__(
+        self,
+        block_classes: list[str] | None = None,
+        activation_checkpointing: bool = False,
+        param_dtype: str | None = None,
+        reduce_dtype: str | None = None,
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        timeout: float | None = None,
+        process_group_backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend, timeout=as_timeout(timeout),
+        )  # fmt: skip
+        self.block_classes = block_classes
+        self.activation_checkpointing = activation_checkpointing
+        self.mp_policy = mixed_precision_policy(param_dtype, reduce_dtype)
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        # pure FSDP: every rank holds a shard and its own share of the data
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def setup(self, trainer: L.Trainer) -> None:
+        module = self.lightning_module
+        parallelize(
+            module, self.device_mesh["data_parallel"], self.block_classes, self.mp_policy,
+            self.activation_checkpointing, self.reshard_after_forward,
+        )  # fmt: skip
+        with configure_model_overridden(module):
+            super().setup(trainer)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if not _is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, weights_only)  # a full file; AdapterStrategyMixin checks it
+        metadata = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        check_world_size(metadata, self.world_size, path)
+        if self.lightning_module.strict_loading:
+            return ModelParallelStrategy.load_checkpoint(self, path, weights_only)
+        return self._load_partial(path, metadata)
+
+    def _load_partial(self, path: Path, metadata: dict[str, Any]) -> dict[str, Any]:
+        """Load the model keys the checkpoint holds, the optimizer states and the metadata."""
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        saved = checkpoint_model_keys(path)
+        state = {k: v for k, v in get_model_state_dict(self.model).items() if k in saved}
+        load({"state_dict": state}, checkpoint_id=path)
+        set_model_state_dict(self.model, state, options=StateDictOptions(strict=False))
+        for i, optimizer in enumerate(self.optimizers):
+            optim_state = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)}
+            load(optim_state, checkpoint_id=path)
+            set_optimizer_state_dict(
+                self.model, optimizer, optim_state_dict=optim_state[f"optimizer_{i}"],
+                options=StateDictOptions(cpu_offload=True),
+            )  # fmt: skip
+        # the keys the checkpoint holds, so that callbacks' on_load_checkpoint can check them (LoRA does)
+        metadata["state_dict"] = {k: state.get(k) for k in sorted(saved)}
+        return metadata

@@ -29,13 +29,15 @@ $(DATA): $(STAMP)
 	$(PY) -m lightning_ft.data.mr --out data/mr
 
 demo: setup data
-	$(PY) recipes/mr_main_job.py --config recipes/minilm_mr_sft.yaml
+	$(PY) recipes/mr_main_job.py --config recipes/smollm2_mr_lora.yaml
 
 test: setup data
 	$(PY) -m pytest -q tests
 
 bench: setup data
 	$(PY) benchmarks/bench_full_ft.py
+	$(PY) benchmarks/bench_lora.py
+	$(PY) benchmarks/bench_sparse.py
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

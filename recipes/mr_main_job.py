@@ -6,7 +6,7 @@ With an instruction recipe (rows with ``choices``, e.g. the default LoRA recipe 
   * tests the base model first (zero-shot accuracy, by comparing the likelihood of the answers);
   * after ``fit`` (where ``MergeAdapters`` writes the peft adapter and the merged model), tests the merged model;
   * reloads the merged folder with plain ``transformers`` and checks that it gives the same answer scores as the
-    in-memory model on the first ``--reload-check-examples`` test rows (default 256).
+    in-memory model on the first ``--reload-check-examples`` test rows (default 64).
 With a classification recipe (``recipes/minilm_mr_sft.yaml``) it tests the best checkpoint by validation accuracy.
 
 Writes ``<default_root_dir>/summary.json`` and ``loss_curve.png`` next to the CSV logs and the confusion matrix.
@@ -63,12 +63,11 @@ def reload_check(merged_dir: Path, model: torch.nn.Module, data, examples: int) 
 
 def main(argv: list[str]) -> dict:
     start = time.perf_counter()
-    argv, reload_examples = pop_option(list(argv), "--reload-check-examples", 256)
+    argv, reload_examples = pop_option(list(argv), "--reload-check-examples", 64)
     if "--config" not in argv and "-c" not in argv:
         argv = ["--config", DEFAULT_CONFIG, *argv]
     cli = make_cli(argv, run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    merge = next((c for c in trainer.callbacks if isinstance(c, MergeAdapters)), None)
     data.setup("test")
     scored = "choice_ids" in data.splits["test"].examples[0]
 
@@ -76,6 +75,8 @@ def main(argv: list[str]) -> dict:
     fit_start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     fit_time = time.perf_counter() - fit_start
+    # the module's own callbacks (configure_callbacks) are in trainer.callbacks only once a run has started
+    merge = next((c for c in trainer.callbacks if isinstance(c, MergeAdapters)), None)
     # after MergeAdapters the module holds the merged model, which adapter-only checkpoints no longer fit
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback is not None else ""
     ckpt = "best" if best and merge is None else None

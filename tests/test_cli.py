@@ -100,20 +100,28 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
-def test_fit_smollm2_lora_recipe_writes_adapter_and_merged_model(tmp_path):
+def test_lora_main_job_on_smollm2(tmp_path):
+    """Command 1 in small: zero-shot test, LoRA fit, merged test, adapter + merged model written, reload check."""
     require_packaged("smollm2-135m-instruct")
     mr = require_mr()
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from mr_main_job import main
+
     args = small_run(
-        "smollm2_mr_lora.yaml", tmp_path, "--data.batch_size", "2", "--data.eval_batch_size", "2",
+        "smollm2_mr_lora.yaml", tmp_path, "--data.batch_size", "2", "--data.eval_batch_size", "4",
         "--data.max_length", "128", "--model.init_args.r", "4",
         "--model.init_args.adapter_dir", str(tmp_path / "adapter"),
         "--model.init_args.merged_dir", str(tmp_path / "merged"),
-    )  # fmt: skip
+    )[1:]  # no subcommand: the script runs fit and test itself
     for split in ("train", "val", "test"):
         args += [f"--data.{split}", f"{mr}/instruction/{split}.jsonl"]
-    cli = make_cli(args)
-    assert cli.trainer.global_step == 2
+    summary = main(args + ["--reload-check-examples", "8"])
+    assert 0.0 <= summary["zero_shot_test_accuracy"] <= 1.0 and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["steps"] == 2
+    assert summary["reload_check"]["examples"] == 8 and summary["reload_check"]["same_predictions"]
+    assert summary["reload_check"]["max_abs_score_difference"] < 1e-3
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     assert (tmp_path / "merged" / "config.json").exists() and (tmp_path / "merged" / "tokenizer_config.json").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
     ckpt = next(tmp_path.glob("logs/version_0/checkpoints/*.ckpt"))
     assert ckpt.stat().st_size < 50 * 2**20  # adapter-only: a full SmolLM2 checkpoint is over 500 MB

@@ -38,6 +38,7 @@ bench: setup data
 	$(PY) benchmarks/bench_full_ft.py
 	$(PY) benchmarks/bench_lora.py
 	$(PY) benchmarks/bench_sparse.py
+	$(PY) benchmarks/bench_distributed.py
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

@@ -70,7 +70,7 @@ def build(spec: dict, method: str, rank: int):
 
     from lightning_ft.lora import inject_lora
     from lightning_ft.models import load_model
-    from lightning_ft.modules.lora import classification_heads
+    from lightning_ft.modules.adapter import classification_heads
     from lightning_ft.sparse import inject_sparse, select_sparse
 
     torch.manual_seed(0)
@@ -488,9 +488,9 @@ def markdown(args, info: dict, command: str, timing: dict, accuracy: dict, compr
         lines += [f"| {t} | {w} | {m} | {verdict(ok)} |" for t, w, m, ok in target_rows]
         lines.append("")
     lines += [
-        "Notes: delta mode keeps gradients and AdamW state for the selected entries only, but its backward pass still "
-        "forms each targeted layer's dense weight gradient (one layer at a time) to gather the entries, so its step "
-        "costs the weight-gradient matmuls that LoRA skips. The int64 `indices` (8 bytes per entry) are persistent "
+        "Notes: delta mode keeps gradients and AdamW state for the selected entries only, and its backward pass "
+        "computes the weight gradient at those entries only (a sampled matmul), so a step costs about what LoRA's "
+        "does. The int64 `indices` (8 bytes per entry) are persistent "
         "memory that LoRA does not have; they are listed apart, not counted as gradient or optimizer state. "
         "Part wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in part_s.items()) + ".",
     ]  # fmt: skip

@@ -129,3 +129,41 @@ class LossRecorder(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
+
+
+# ---- shared by the callback tests (LoRA, SparseMask) -------------------------------------------------------------
+def quick_trainer(tmp_path, max_steps=8, **kw) -> L.Trainer:
+    """A quiet CPU Trainer: no logger, no progress bar, no validation or checkpoints unless asked for."""
+    kw.setdefault("limit_val_batches", 0)
+    kw.setdefault("enable_checkpointing", False)
+    return L.Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, **kw,
+    )  # fmt: skip
+
+
+def lm_data(tokenizer, n=20, **kw):
+    """Instruction rows for a causal LM: ``n`` train rows, 8 val rows, batch 4 by default."""
+    from lightning_ft import FineTuneDataModule
+
+    kw.setdefault("batch_size", 4)
+    return FineTuneDataModule(tokenizer, task="instruction", train=instruction_rows(n), val=instruction_rows(8), max_length=128, **kw)
+
+
+def eval_logits(model, batch) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+class LogitsAtFitEnd(L.Callback):
+    """Records the model's logits on ``batch`` at ``on_fit_end``: a Trainer callback runs before the module's own
+    (``configure_callbacks``) ``MergeAdapters``, so these are the logits before the merge; ``adapted`` holds the names
+    of the adapter wrappers present then."""
+
+    def __init__(self, batch):
+        self.batch, self.logits, self.adapted = batch, None, []
+
+    def on_fit_end(self, trainer, pl_module):
+        self.adapted = [n for n, m in pl_module.named_modules() if hasattr(m, "base_layer")]
+        self.logits = eval_logits(pl_module.model, self.batch)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import LossRecorder, instruction_rows, sentiment_rows, tiny_bert, tiny_llama
+from conftest import (
+    LogitsAtFitEnd, LossRecorder, eval_logits, instruction_rows, lm_data, quick_trainer, sentiment_rows, tiny_bert,
+    tiny_llama,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_ft import FineTuneDataModule, LoRAModule
@@ -17,18 +20,6 @@ from lightning_ft.lora import inject_lora, load_peft_adapter, lora_layers
 LABELS = ["negative", "positive"]
 
 
-def trainer(tmp_path, max_steps=8, **kw):
-    kw.setdefault("limit_val_batches", 0)
-    kw.setdefault("enable_checkpointing", False)
-    return L.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, **kw,
-    )  # fmt: skip
-
-
-def lm_data(tokenizer, n=20, **kw):
-    kw.setdefault("batch_size", 4)
-    return FineTuneDataModule(tokenizer, task="instruction", train=instruction_rows(n), val=instruction_rows(8), max_length=128, **kw)
 
 
 def cls_data(tokenizer):
@@ -75,7 +66,7 @@ def test_callback_on_a_users_module_trains_only_adapters(tmp_path, tokenizer, mo
     module = module_cls(len(tokenizer))
     rec = LossRecorder()
     # one batch of 4 rows, seen every step: the loss must fall
-    trainer(tmp_path, callbacks=[LoRA(r=4, exclude_modules=["o_proj"]), rec]).fit(module, lm_data(tokenizer, n=4))
+    quick_trainer(tmp_path, callbacks=[LoRA(r=4, exclude_modules=["o_proj"]), rec]).fit(module, lm_data(tokenizer, n=4))
     parts = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     assert set(lora_layers(module)) == {f"model.model.layers.{i}.{p}" for i in (0, 1) for p in parts}
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -93,13 +84,13 @@ def test_double_injection_is_an_error(tmp_path, tokenizer):
     module = UserLM(len(tokenizer))
     inject_lora(module.model, r=2)
     with pytest.raises(RuntimeError, match="already has LoRA adapters"):
-        trainer(tmp_path, callbacks=[LoRA()]).fit(module, lm_data(tokenizer))
+        quick_trainer(tmp_path, callbacks=[LoRA()]).fit(module, lm_data(tokenizer))
     with pytest.raises(RuntimeError, match="more than one LoRA callback"):
-        trainer(tmp_path, callbacks=[LoRA(), LoRA()]).fit(UserLM(len(tokenizer)), lm_data(tokenizer))
+        quick_trainer(tmp_path, callbacks=[LoRA(), LoRA()]).fit(UserLM(len(tokenizer)), lm_data(tokenizer))
     module = UserLM(len(tokenizer))
-    trainer(tmp_path, max_steps=1, callbacks=[LoRA(r=4)]).fit(module, lm_data(tokenizer))
+    quick_trainer(tmp_path, max_steps=1, callbacks=[LoRA(r=4)]).fit(module, lm_data(tokenizer))
     with pytest.raises(RuntimeError, match="already has LoRA adapters"):
-        trainer(tmp_path, max_steps=1, callbacks=[LoRA(r=2)]).fit(module, lm_data(tokenizer))
+        quick_trainer(tmp_path, max_steps=1, callbacks=[LoRA(r=2)]).fit(module, lm_data(tokenizer))
     with pytest.raises(ValueError, match="rank"):
         LoRA(r=0)
 
@@ -108,7 +99,7 @@ def test_lora_module_classification_then_validate_and_test(tmp_path, tokenizer):
     torch.manual_seed(0)
     module = LoRAModule(model=tiny_bert(len(tokenizer)), task="classification", labels=LABELS, learning_rate=1e-2, r=4)
     head_before = tiny_bert(len(tokenizer)).classifier.weight
-    t = trainer(tmp_path, max_steps=6, limit_val_batches=1.0)
+    t = quick_trainer(tmp_path, max_steps=6, limit_val_batches=1.0)
     dm = cls_data(tokenizer)
     t.fit(module, dm)
     assert module.model.classifier.weight.requires_grad  # modules_to_save defaults to the head
@@ -116,25 +107,13 @@ def test_lora_module_classification_then_validate_and_test(tmp_path, tokenizer):
     adapters = {n: layer.lora_B.clone() for n, layer in lora_layers(module).items()}
     assert set(t.validate(module, dm, verbose=False)[0]) >= {"val/loss", "val/acc"}
     assert set(t.test(module, dm, verbose=False)[0]) >= {"test/loss", "test/f1"}
-    again = trainer(tmp_path, limit_test_batches=1.0).test(module, dm, verbose=False)[0]  # a new Trainer, same settings: no re-injection
+    again = quick_trainer(tmp_path, limit_test_batches=1.0).test(module, dm, verbose=False)[0]  # a new Trainer, same settings: no re-injection
     assert {n: layer.lora_B for n, layer in lora_layers(module).items()}.keys() == adapters.keys()
     assert all(torch.equal(lora_layers(module)[n].lora_B, b) for n, b in adapters.items())
     assert again["test/loss"] == pytest.approx(t.callback_metrics["test/loss"].item())
 
 
-def _logits(model, batch):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
-
-class LogitsBeforeMerge(L.Callback):
-    def __init__(self, batch):
-        self.batch, self.logits = batch, None
-
-    def on_fit_end(self, trainer, pl_module):  # runs before the module's MergeAdapters (added after the Trainer's)
-        assert lora_layers(pl_module)
-        self.logits = _logits(pl_module.model, self.batch)
 
 
 def test_merge_adapters_writes_peft_adapter_and_merged_model(tmp_path, tokenizer):
@@ -148,22 +127,25 @@ def test_merge_adapters_writes_peft_adapter_and_merged_model(tmp_path, tokenizer
         model=tiny_llama(len(tokenizer)), learning_rate=1e-2, r=4, use_rslora=True, merged_dir=str(merged_dir),
         adapter_dir=str(adapter_dir),
     )  # fmt: skip
-    before = LogitsBeforeMerge(batch)
-    t = trainer(tmp_path, max_steps=4, callbacks=[before], limit_val_batches=1)
+    before = LogitsAtFitEnd(batch)
+    t = quick_trainer(tmp_path, max_steps=4, callbacks=[before], limit_val_batches=1, enable_checkpointing=True)
     t.fit(module, dm)
+    assert before.adapted and before.logits is not None  # recorded before the merge
     assert not lora_layers(module) and MARKER in module.__dict__  # merged in memory
-    merged = _logits(module.model, batch)
+    merged = eval_logits(module.model, batch)
     loaded = AutoModelForCausalLM.from_pretrained(merged_dir)
-    torch.testing.assert_close(_logits(loaded, batch), merged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(eval_logits(loaded, batch), merged, atol=1e-5, rtol=0)
     torch.testing.assert_close(merged, before.logits, atol=1e-4, rtol=0)
     assert AutoTokenizer.from_pretrained(merged_dir).encode("hello world") == tokenizer.encode("hello world")
     assert not list(tmp_path.glob(".merged*"))  # atomic: no temporary folder left
 
     assert {p.name for p in adapter_dir.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     reloaded = load_peft_adapter(tiny_llama(len(tokenizer)), adapter_dir)
-    torch.testing.assert_close(_logits(reloaded, batch), before.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(eval_logits(reloaded, batch), before.logits, atol=1e-5, rtol=0)
     assert set(t.validate(module, dm, verbose=False)[0]) >= {"val/loss"}  # the merged module keeps working
     assert not lora_layers(module)
+    with pytest.raises(RuntimeError, match="merged into the model"):  # adapter-only checkpoint vs merged model
+        t.validate(module, dm, ckpt_path=t.checkpoint_callback.best_model_path, verbose=False)
 
 
 def test_merge_adapters_needs_a_hugging_face_model_and_a_dir():
@@ -182,7 +164,7 @@ def _resume_run(tmp_path, tokenizer, pretrained, ckpt_path=None):
     )  # fmt: skip
     rec = LossRecorder()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}")
-    t = trainer(tmp_path, max_steps=10, deterministic=True, enable_checkpointing=True, callbacks=[rec, ckpt])
+    t = quick_trainer(tmp_path, max_steps=10, deterministic=True, enable_checkpointing=True, callbacks=[rec, ckpt])
     # 20 rows of batch 4: step 5 ends an epoch; the length-grouped sampler's order depends only on seed and epoch
     t.fit(module, lm_data(tokenizer, n=20, group_by_length=True), ckpt_path=ckpt_path)
     return module, rec.losses, t
@@ -211,18 +193,18 @@ def test_adapter_only_checkpoint_resumes_exactly(tmp_path, tokenizer):
         torch.testing.assert_close(final[k], again[k], atol=1e-6, rtol=0, msg=k)
 
     evaluated = LoRAModule(pretrained, r=4, use_dora=True, bias="lora_only")  # evaluate an adapter-only checkpoint
-    trainer(tmp_path / "d", limit_val_batches=1).validate(evaluated, lm_data(tokenizer), ckpt_path=path, verbose=False)
+    quick_trainer(tmp_path / "d", limit_val_batches=1).validate(evaluated, lm_data(tokenizer), ckpt_path=path, verbose=False)
     assert all(torch.equal(evaluated.state_dict()[k], v) for k, v in ckpt["state_dict"].items())
 
     mismatched = LoRAModule(model=tiny_llama(len(tokenizer)), r=4, target_modules=["q_proj"])
     with pytest.raises(RuntimeError, match="does not fit this LoRA model"):
-        trainer(tmp_path / "c", max_steps=10).fit(mismatched, lm_data(tokenizer), ckpt_path=path)
+        quick_trainer(tmp_path / "c", max_steps=10).fit(mismatched, lm_data(tokenizer), ckpt_path=path)
 
 
 def test_gradient_checkpointing_with_a_frozen_base_trains(tmp_path, tokenizer):
     module = LoRAModule(model=tiny_llama(len(tokenizer)), gradient_checkpointing=True, learning_rate=1e-2, r=4)
     rec = LossRecorder()
-    trainer(tmp_path, max_steps=3, callbacks=[rec]).fit(module, lm_data(tokenizer))
+    quick_trainer(tmp_path, max_steps=3, callbacks=[rec]).fit(module, lm_data(tokenizer))
     assert module.model.is_activation_checkpointing and len(rec.losses) == 3
     assert all(layer.lora_B.abs().sum() > 0 for layer in lora_layers(module).values())
 
@@ -232,7 +214,7 @@ def test_gradient_checkpointing_with_a_frozen_base_trains(tmp_path, tokenizer):
     user.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     user.model.disable_input_require_grads()
     user.model.train()
-    trainer(tmp_path, max_steps=2, callbacks=[LoRA(r=4)]).fit(user, lm_data(tokenizer))
+    quick_trainer(tmp_path, max_steps=2, callbacks=[LoRA(r=4)]).fit(user, lm_data(tokenizer))
     assert all(layer.lora_B.abs().sum() > 0 for layer in lora_layers(user).values())
 
 
@@ -241,7 +223,7 @@ def test_loraplus_learning_rates(tmp_path, tokenizer):
         model=tiny_llama(len(tokenizer)), learning_rate=1e-3, loraplus_lr_ratio=16, weight_decay=0.1, use_dora=True,
         scheduler="constant", r=4,
     )  # fmt: skip
-    t = trainer(tmp_path, max_steps=1)
+    t = quick_trainer(tmp_path, max_steps=1)
     t.fit(module, lm_data(tokenizer))
     groups = {g["name"]: g for g in t.optimizers[0].param_groups}
     assert groups["lora_B"]["lr"] == pytest.approx(16e-3) and groups["decay"]["lr"] == pytest.approx(1e-3)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import LossRecorder, instruction_rows, sentiment_rows, tiny_bert, tiny_llama
+from conftest import (
+    LogitsAtFitEnd, LossRecorder, eval_logits, instruction_rows, lm_data, quick_trainer, sentiment_rows, tiny_bert,
+    tiny_llama,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_ft import FineTuneDataModule, SparseModule
@@ -15,18 +18,6 @@ from lightning_ft.sparse import load_sparse_delta, sparse_counts, sparse_layers,
 LABELS = ["negative", "positive"]
 
 
-def trainer(tmp_path, max_steps=8, **kw):
-    kw.setdefault("limit_val_batches", 0)
-    kw.setdefault("enable_checkpointing", False)
-    return L.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, **kw,
-    )  # fmt: skip
-
-
-def lm_data(tokenizer, n=20, **kw):
-    kw.setdefault("batch_size", 4)
-    return FineTuneDataModule(tokenizer, task="instruction", train=instruction_rows(n), val=instruction_rows(8), max_length=128, **kw)
 
 
 def pretrained_state(tokenizer) -> dict:
@@ -59,7 +50,7 @@ def test_callback_on_a_users_module_trains_only_selected_entries(tmp_path, token
     module = UserLM(len(tokenizer), lr=3e-2)
     rec = LossRecorder()
     cb = SparseMask(density=0.05, criterion="fisher", calibration_batches=2, exclude_modules=["o_proj"])
-    t = trainer(tmp_path, max_steps=8, callbacks=[cb, rec])
+    t = quick_trainer(tmp_path, max_steps=8, callbacks=[cb, rec])
     t.fit(module, lm_data(tokenizer, n=4))
     layers = sparse_layers(module)
     assert len(layers) == 12 and not any(n.endswith("o_proj") for n in layers)
@@ -79,7 +70,7 @@ def test_mask_mode_through_lightning_keeps_unselected_entries_bitwise(tmp_path, 
         model=tiny_llama(len(tokenizer)), mode="mask", criterion="gradient", density=0.1, calibration_batches=2,
         learning_rate=1e-2, weight_decay=0.1, scheduler="constant",
     )  # fmt: skip
-    t = trainer(tmp_path, max_steps=20, gradient_clip_val=1.0)
+    t = quick_trainer(tmp_path, max_steps=20, gradient_clip_val=1.0)
     t.fit(module, lm_data(tokenizer, n=8))
     reference = pretrained_state(tokenizer)
     changed = 0
@@ -102,7 +93,7 @@ def _resume_run(tmp_path, tokenizer, pretrained, mode, ckpt_path=None):
     )  # fmt: skip
     rec = LossRecorder()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}")
-    t = trainer(tmp_path, max_steps=10, deterministic=True, enable_checkpointing=True, callbacks=[rec, ckpt])
+    t = quick_trainer(tmp_path, max_steps=10, deterministic=True, enable_checkpointing=True, callbacks=[rec, ckpt])
     # 20 rows of batch 4: step 5 ends an epoch; the length-grouped sampler's order depends only on seed and epoch
     t.fit(module, lm_data(tokenizer, n=20, group_by_length=True), ckpt_path=ckpt_path)
     return module, rec.losses, t
@@ -133,7 +124,7 @@ def test_sparse_checkpoint_resumes_exactly_with_reselection(tmp_path, tokenizer,
         torch.testing.assert_close(final[k], again[k], atol=1e-6, rtol=0, msg=k)
 
     evaluated = SparseModule(pretrained, density=0.05, mode=mode, allocation="global")  # evaluate a sparse checkpoint
-    trainer(tmp_path / "d", limit_val_batches=1).validate(evaluated, lm_data(tokenizer), ckpt_path=path, verbose=False)
+    quick_trainer(tmp_path / "d", limit_val_batches=1).validate(evaluated, lm_data(tokenizer), ckpt_path=path, verbose=False)
     assert all(torch.equal(evaluated.state_dict()[k], v) for k, v in ckpt["state_dict"].items())
 
     with pytest.raises(RuntimeError, match="mode="):
@@ -147,7 +138,7 @@ def test_delta_and_mask_modes_train_alike_with_gradient_accumulation(tmp_path, t
         module = SparseModule(model=tiny_llama(len(tokenizer)), mode=mode, density=0.05, calibration_batches=2,
                               learning_rate=1e-2, reselect_every=2, grow_window=1)  # fmt: skip
         rec = LossRecorder()
-        t = trainer(tmp_path, max_steps=5, accumulate_grad_batches=2, callbacks=[rec])
+        t = quick_trainer(tmp_path, max_steps=5, accumulate_grad_batches=2, callbacks=[rec])
         t.fit(module, lm_data(tokenizer, n=8))
         history = next(c for c in t.callbacks if isinstance(c, SparseMask)).history
         runs[mode] = rec.losses, history, {n: layer.indices for n, layer in sparse_layers(module).items()}
@@ -159,19 +150,7 @@ def test_delta_and_mask_modes_train_alike_with_gradient_accumulation(tmp_path, t
     assert all(torch.equal(masks[n], mask_masks[n]) for n in masks)
 
 
-def _logits(model, batch):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
-
-class LogitsBeforeMerge(L.Callback):
-    def __init__(self, batch):
-        self.batch, self.logits = batch, None
-
-    def on_fit_end(self, trainer, pl_module):  # runs before the module's MergeAdapters (added after the Trainer's)
-        assert sparse_layers(pl_module)
-        self.logits = _logits(pl_module.model, self.batch)
 
 
 def test_merge_adapters_folds_and_exports_sparse_deltas(tmp_path, tokenizer):
@@ -185,18 +164,19 @@ def test_merge_adapters_folds_and_exports_sparse_deltas(tmp_path, tokenizer):
         model=tiny_llama(len(tokenizer)), learning_rate=1e-2, criterion="random", lora_equivalent_rank=2,
         merged_dir=str(merged_dir), adapter_dir=str(adapter_dir),
     )  # fmt: skip
-    before = LogitsBeforeMerge(batch)
-    t = trainer(tmp_path, max_steps=4, callbacks=[before], limit_val_batches=1)
+    before = LogitsAtFitEnd(batch)
+    t = quick_trainer(tmp_path, max_steps=4, callbacks=[before], limit_val_batches=1)
     t.fit(module, dm)
+    assert before.adapted and before.logits is not None  # recorded before the merge
     assert not sparse_layers(module)  # merged in memory
-    merged = _logits(module.model, batch)
+    merged = eval_logits(module.model, batch)
     torch.testing.assert_close(merged, before.logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(merged_dir), batch), merged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(eval_logits(AutoModelForCausalLM.from_pretrained(merged_dir), batch), merged, atol=1e-5, rtol=0)
 
     assert {p.name for p in adapter_dir.iterdir()} == {"sparse_config.json", "sparse_delta.safetensors"}
     reloaded = load_sparse_delta(tiny_llama(len(tokenizer)), adapter_dir)
     assert sparse_counts(reloaded)[0] == sum(2 * sum(layer.weight.shape) for layer in _linears(reloaded))
-    torch.testing.assert_close(_logits(reloaded, batch), before.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(eval_logits(reloaded, batch), before.logits, atol=1e-5, rtol=0)
     assert set(t.validate(module, dm, verbose=False)[0]) >= {"val/loss"}  # the merged module keeps working
     assert not sparse_layers(module)
 
@@ -209,7 +189,7 @@ def test_sparse_module_classification_with_bitfit_and_fisher(tmp_path, tokenizer
     rows = sentiment_rows(16)
     dm = FineTuneDataModule(tokenizer, task="classification", train=rows, val=rows[:8], labels=LABELS, batch_size=8)
     module = SparseModule(model=tiny_bert(len(tokenizer)), task="classification", labels=LABELS, criterion="bitfit", learning_rate=1e-2)
-    trainer(tmp_path, max_steps=3).fit(module, dm)
+    quick_trainer(tmp_path, max_steps=3).fit(module, dm)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith("bias") or n.startswith("model.classifier.") for n in trainable)
     assert "model.classifier.weight" in trainable and "model.bert.encoder.layer.0.attention.self.query.bias" in trainable
@@ -219,7 +199,7 @@ def test_sparse_module_classification_with_bitfit_and_fisher(tmp_path, tokenizer
     module = SparseModule(model=tiny_bert(len(tokenizer)), task="classification", labels=LABELS, density=0.1, calibration_batches=2,
                           learning_rate=3e-2)  # fmt: skip
     rec = LossRecorder()
-    trainer(tmp_path, max_steps=10, callbacks=[rec]).fit(module, dm)
+    quick_trainer(tmp_path, max_steps=10, callbacks=[rec]).fit(module, dm)
     assert sparse_layers(module) and module.model.classifier.weight.requires_grad
     assert rec.losses[-1] < rec.losses[0]
 
@@ -236,8 +216,8 @@ def test_bad_settings_fail_early(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="bitfit"):
         SparseMask(criterion="bitfit", reselect_every=10)
     with pytest.raises(ValueError, match="no linear layer named 'query'"):
-        trainer(tmp_path, max_steps=1, callbacks=[SparseMask(target_modules=["query"])]).fit(UserLM(len(tokenizer)), lm_data(tokenizer))
+        quick_trainer(tmp_path, max_steps=1, callbacks=[SparseMask(target_modules=["query"])]).fit(UserLM(len(tokenizer)), lm_data(tokenizer))
     with pytest.raises(RuntimeError, match="SparseMask and LoRA cannot adapt the same module"):
-        trainer(tmp_path, callbacks=[SparseMask(), LoRA()]).fit(UserLM(len(tokenizer)), lm_data(tokenizer))
+        quick_trainer(tmp_path, callbacks=[SparseMask(), LoRA()]).fit(UserLM(len(tokenizer)), lm_data(tokenizer))
     with pytest.raises(RuntimeError, match="more than one"):  # Lightning's own stateful-callback check comes first
-        trainer(tmp_path, callbacks=[SparseMask(), SparseMask()]).fit(UserLM(len(tokenizer)), lm_data(tokenizer))
+        quick_trainer(tmp_path, callbacks=[SparseMask(), SparseMask()]).fit(UserLM(len(tokenizer)), lm_data(tokenizer))

@@ -116,6 +116,7 @@ class LoRA(ModelSurgery):
     ) -> None:
         check_lora_args(r, bias, init)
         super().__init__()
+        self._evaluating_merged = False  # set per stage: the module holds the merged model (no adapters)
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules, self.exclude_modules = target_modules, exclude_modules
         self.rank_pattern, self.alpha_pattern = rank_pattern, alpha_pattern
@@ -134,13 +135,15 @@ class LoRA(ModelSurgery):
         """Inject (or keep what this configuration injected before), then prepare checkpointing and loading."""
         marker = getattr(pl_module, MARKER, None)
         config = self.lora_kwargs
+        self._evaluating_merged = False
         has_adapters = bool(lora_layers(pl_module))
         same = marker is not None and marker["config"] == config
         if same and has_adapters:
             for name, p in pl_module.named_parameters():  # a module's configure_model may have unfrozen the base
                 p.requires_grad_(name in marker["trainable"])
-        elif same and trainer.state.fn != "fit":
-            pass  # merged by MergeAdapters: evaluate the merged model
+        elif same and trainer.state.fn != "fit":  # merged by MergeAdapters: evaluate the merged model
+            self._evaluating_merged = True
+            self.relax_strict_loading(pl_module)  # so on_load_checkpoint can explain an adapter-only checkpoint
         else:
             inject_lora(pl_module, **config)  # RuntimeError when the module already has adapters
             trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
@@ -153,6 +156,15 @@ class LoRA(ModelSurgery):
             rank_zero_info("LoRA: activation checkpointing is on; made input embeddings require grad")
         if lora_layers(pl_module):
             self.relax_strict_loading(pl_module)  # adapter-only checkpoints; on_load_checkpoint checks the keys
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._evaluating_merged and checkpoint.get(self.checkpoint_key, {}).get("adapter_only"):
+            raise RuntimeError(
+                "the LoRA adapters were merged into the model at the end of fit (MergeAdapters), so an adapter-only "
+                "checkpoint no longer fits it. Evaluate the in-memory merged model (ckpt_path=None), or load the "
+                "checkpoint into a fresh module with the same settings."
+            )
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     def is_applied(self, pl_module: L.LightningModule) -> bool:
         return bool(lora_layers(pl_module)) and getattr(pl_module, MARKER, None) is not None

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_ft.callbacks.merge import MergeAdapters
 from lightning_ft.callbacks.sparse import SparseMask
-from lightning_ft.modules.base import FineTuneModule, ModelTask
-from lightning_ft.modules.lora import CLASSIFICATION_HEADS, classification_heads
+from lightning_ft.modules.adapter import AdapterModule
+from lightning_ft.modules.base import ModelTask
 from lightning_ft.modules.optim import decay_groups
 from lightning_ft.sparse import sparse_layers
 
 
-class SparseModule(FineTuneModule):
-    """Sparse fine-tuning: ``FineTuneModule`` plus the ``SparseMask`` callback (and ``MergeAdapters`` when a dir is
+class SparseModule(AdapterModule):
+    """Sparse fine-tuning: ``AdapterModule`` plus the ``SparseMask`` callback (and ``MergeAdapters`` when a dir is
     given).
 
     Sparse arguments (``density`` ... ``seed``) are those of ``lightning_ft.callbacks.SparseMask``.
@@ -52,28 +49,13 @@ class SparseModule(FineTuneModule):
         merged_dir: str | None = None,
         adapter_dir: str | None = None,
         learning_rate: float = 2e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        warmup_steps: int = 0,
-        warmup_ratio: float = 0.0,
-        scheduler: Literal["linear", "cosine", "constant"] = "linear",
-        min_lr_ratio: float = 0.0,
-        gradient_checkpointing: bool = False,
-        dtype: str | None = None,
-        trust_remote_code: bool = False,
-        max_new_tokens: int = 32,
-        eval_lm_loss: bool = True,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            model_name_or_path=model_name_or_path, task=task, labels=labels, model=model,
-            learning_rate=learning_rate, weight_decay=weight_decay, betas=betas, eps=eps, warmup_steps=warmup_steps,
-            warmup_ratio=warmup_ratio, scheduler=scheduler, min_lr_ratio=min_lr_ratio,
-            gradient_checkpointing=gradient_checkpointing, dtype=dtype, trust_remote_code=trust_remote_code,
-            max_new_tokens=max_new_tokens, eval_lm_loss=eval_lm_loss,
+            model_name_or_path=model_name_or_path, task=task, labels=labels, model=model, learning_rate=learning_rate,
+            **kwargs,
         )  # fmt: skip
         SparseMask(**self.sparse_settings())  # validates the sparse arguments now rather than at fit time
-        self._sparse_callback: SparseMask | None = None
 
     def sparse_settings(self) -> dict[str, Any]:
         """The ``SparseMask`` arguments of this module."""
@@ -83,25 +65,8 @@ class SparseModule(FineTuneModule):
                  "grow_window", "seed", "modules_to_save")  # fmt: skip
         return {k: hp[k] for k in names}
 
-    def configure_callbacks(self) -> list[L.Callback]:
-        self._sparse_callback = SparseMask(**self.sparse_settings())
-        callbacks: list[L.Callback] = [self._sparse_callback]
-        if self.hparams.merged_dir or self.hparams.adapter_dir:
-            callbacks.append(MergeAdapters(merged_dir=self.hparams.merged_dir, adapter_dir=self.hparams.adapter_dir))
-        return callbacks
-
-    def configure_model(self) -> None:
-        super().configure_model()
-        # the head's name is known once the model exists; the SparseMask callback selects right after this hook
-        cb = self._sparse_callback
-        if cb is not None and self.task == "classification" and self.hparams.modules_to_save is None:
-            heads = classification_heads(self.model)
-            if not heads:
-                rank_zero_warn(
-                    f"SparseModule: no classification head named {list(CLASSIFICATION_HEADS)} in "
-                    f"{type(self.model).__name__}; it stays frozen. Name it with `modules_to_save`."
-                )
-            cb.modules_to_save = [f"model.{n}" for n in heads] or None
+    def method_callback(self) -> SparseMask:
+        return SparseMask(**self.sparse_settings())
 
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
         values = {id(layer.values) for layer in sparse_layers(self).values() if layer.values is not None}

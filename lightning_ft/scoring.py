@@ -19,6 +19,11 @@ def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def _last_logits_only(model: nn.Module) -> dict:
+    """``logits_to_keep=1`` for models that take it (transformers' causal LMs): skip the other positions' logits."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 @torch.no_grad()
 def score_choices(
     model: nn.Module,
@@ -46,7 +51,8 @@ def score_choices(
         raise ValueError("every choice needs at least one token")
     prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True, logits_to_keep=1
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True,
+        **_last_logits_only(model),
     )
     first = torch.log_softmax(out.logits[:, -1].float(), -1)  # (B, V): predicts each choice's first token
     first = first.repeat_interleave(num_choices, 0).gather(-1, choice_ids[:, :1]).squeeze(-1)  # (B*K,)

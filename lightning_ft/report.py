@@ -5,16 +5,19 @@ from __future__ import annotations
 import csv
 import math
 import os
+import struct
 from collections import Counter
 from pathlib import Path
 
-from lightning_ft.io import save_with_atomic
+from lightning_ft.io import check_output, save_with_atomic, user_path
+
+PNG_SOFTWARE = "lightning-ft report"  # the PNG ``Software`` text of every plot written here: marks them as ours
 
 
 def read_metric_series(metrics_csv: str | os.PathLike, name: str) -> list[tuple[int, float]]:
     """``(step, value)`` pairs of one metric from a Lightning ``CSVLogger`` ``metrics.csv``."""
     series = []
-    with open(metrics_csv, newline="") as f:
+    with open(user_path(metrics_csv), newline="") as f:
         for row in csv.DictReader(f):
             value = row.get(name, "")
             if value not in ("", None):
@@ -22,8 +25,40 @@ def read_metric_series(metrics_csv: str | os.PathLike, name: str) -> list[tuple[
     return series
 
 
-def plot_loss_curve(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, title: str = "") -> None:
-    """Plot ``train/loss`` (and a running mean) and ``val/loss`` against the step, written atomically as PNG."""
+def png_text(path: str | os.PathLike) -> dict[str, str]:
+    """The ``tEXt`` entries of a PNG file (read up to the image data); {} for anything else."""
+    out: dict[str, str] = {}
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return out
+            while True:
+                length, kind = struct.unpack(">I4s", f.read(8))
+                if kind in (b"IDAT", b"IEND") or length > 1 << 20:
+                    return out
+                data = f.read(length)
+                f.read(4)  # CRC
+                if kind == b"tEXt" and b"\0" in data:
+                    key, _, value = data.partition(b"\0")
+                    out[key.decode("latin-1")] = value.decode("latin-1")
+    except (OSError, struct.error):
+        return out
+
+
+def is_own_plot(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a PNG this module wrote."""
+    return png_text(path).get("Software") == PNG_SOFTWARE
+
+
+def plot_loss_curve(
+    metrics_csv: str | os.PathLike, out_png: str | os.PathLike, title: str = "", overwrite: bool = False
+) -> None:
+    """Plot ``train/loss`` (and a running mean) and ``val/loss`` against the step, written atomically as PNG.
+
+    ``out_png`` (``~`` expanded) is checked first (``lightning_ft.io.check_output``): an existing file is replaced
+    only when it is a plot written here, unless ``overwrite=True``.
+    """
+    out_png = check_output(out_png, "out_png", is_own=is_own_plot, folder=False, overwrite=overwrite)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,7 +80,7 @@ def plot_loss_curve(metrics_csv: str | os.PathLike, out_png: str | os.PathLike, 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    save_with_atomic(out_png, lambda p: fig.savefig(p, format="png", dpi=100))
+    save_with_atomic(out_png, lambda p: fig.savefig(p, format="png", dpi=100, metadata={"Software": PNG_SOFTWARE}))
     plt.close(fig)
 
 
@@ -68,5 +103,5 @@ def majority_baseline(labels: list[int]) -> float:
 def find_metrics_csv(log_dir: str | os.PathLike | None) -> Path | None:
     if log_dir is None:
         return None
-    path = Path(log_dir) / "metrics.csv"
+    path = user_path(log_dir) / "metrics.csv"
     return path if path.exists() else None

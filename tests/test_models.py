@@ -119,7 +119,7 @@ def test_resolve_local_dir_gguf_and_hub_id(tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     assert resolve_model(str(gguf)) == ResolvedModel(str(tmp_path.resolve()), gguf_file=str(gguf.resolve()))
-    assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == ResolvedModel("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert resolve_model("org/some-model") == ResolvedModel("org/some-model")  # a packaged model's hub id loads the package
     with pytest.raises(FileNotFoundError):
         resolve_model(str(tmp_path / "missing.gguf"))
     (tmp_path / "weights.bin").write_bytes(b"x")

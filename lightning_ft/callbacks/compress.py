@@ -32,7 +32,11 @@ activation statistics are summed over all ranks, so every rank factorises identi
 Checkpoints hold the compressed weights (or, with ``LoRA``, only the adapters: on resume the base is compressed
 again from the pretrained weights, which gives the same factors for ``svd``, and for ``asvd`` when the calibration
 batches are the same, i.e. with the same seed and data). The spec of the ranks is stored in the checkpoint under
-``"lightning_ft_low_rank"``. Compression needs materialised weights: not a model created on the meta device.
+``"lightning_ft_low_rank"``, with the callback's settings and the call that recreates it. Before the state dict is
+loaded (see ``lightning_ft.resume_checks``), a resume with other settings is refused with one message listing the
+differences (``allow_config_change=True`` makes it a warning), other ranks are refused either way (their factors
+cannot load), and a compressed checkpoint resumed without this callback names it. Compression needs materialised
+weights: not a model created on the meta device.
 """
 
 from __future__ import annotations
@@ -44,14 +48,19 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_ft.callbacks.surgery import init_defaults, public_path
 from lightning_ft.compress import compress_low_rank, low_rank_layers, low_rank_spec
 from lightning_ft.compress.calibration import move_to
 from lightning_ft.compress.compress import check_compress_args
 from lightning_ft.compress.report import CompressionReport
+from lightning_ft.resume_checks import (
+    compare_configs, constructor_call, listing, plain, read_config, register_check, saved_shapes, unregister_check,
+)  # fmt: skip
 
 MARKER = "_lightning_ft_low_rank"  # attribute of the module: the settings it was compressed with
+CHECKPOINT_KEY = "lightning_ft_low_rank"  # checkpoint entry: the rank spec, the settings and the callback
 #: batch keys passed to a Hugging Face model during calibration (labels left out: no loss needed)
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 
@@ -85,6 +94,8 @@ class LowRankCompression(L.Callback):
     calibration batch (default: the module's Hugging Face model on ``input_ids`` / ``attention_mask`` / ...).
     After compression, ``report`` holds the ``CompressionReport``; the summary goes to the log and the totals to
     the loggers (``compress/*``). See the module docstring for recovery with ``LoRA`` / ``SparseMask``.
+    ``allow_config_change=True``: resume a checkpoint written with other settings (the same ranks), with a warning
+    instead of an error.
     """
 
     def __init__(
@@ -99,6 +110,7 @@ class LowRankCompression(L.Callback):
         activation_statistic: Literal["abs_mean", "rms"] = "abs_mean",
         asvd_alpha: float = 0.5,
         calibration_forward: Callable[[L.LightningModule, Any], Any] | None = None,
+        allow_config_change: bool = False,
     ) -> None:
         check_compress_args(method, rank_ratio, energy, param_ratio)
         if method == "asvd" and calibration_batches < 1:
@@ -108,8 +120,10 @@ class LowRankCompression(L.Callback):
         self.target_modules, self.exclude_modules = target_modules, exclude_modules
         self.activation_statistic, self.asvd_alpha = activation_statistic, asvd_alpha
         self.calibration_forward = calibration_forward or default_calibration_forward
+        self.allow_config_change = allow_config_change
         self.report: CompressionReport | None = None
         self._patched: tuple | None = None  # (module, previous, wrapper, trainer) while the wrapper is pending
+        self._checking: L.LightningModule | None = None  # the module while check_resume is registered on it
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -141,6 +155,14 @@ class LowRankCompression(L.Callback):
             previous = pl_module.__dict__.get("configure_model")
             pl_module.configure_model = configure_model
         self._patched = (pl_module, previous, configure_model, trainer)
+        self._unregister()
+        register_check(pl_module, CHECKPOINT_KEY, self.check_resume)
+        self._checking = pl_module
+
+    def _unregister(self) -> None:
+        if self._checking is not None:
+            unregister_check(self._checking, CHECKPOINT_KEY)
+            self._checking = None
 
     def _unpatch(self) -> None:
         """Take the wrapper out of the chain: whoever points at it (the module, another callback) gets its previous."""
@@ -159,9 +181,11 @@ class LowRankCompression(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._unpatch()
+        self._unregister()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._unpatch()
+        self._unregister()
 
     # ---- compression --------------------------------------------------------------------------------------------
     def compress_into(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -214,4 +238,65 @@ class LowRankCompression(L.Callback):
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if low_rank_layers(pl_module):
-            checkpoint["lightning_ft_low_rank"] = low_rank_spec(pl_module)
+            config = plain(self.settings)
+            checkpoint[CHECKPOINT_KEY] = {
+                **low_rank_spec(pl_module), "callback": "LowRankCompression", "adapter_only": False,
+                "callback_path": public_path(type(self)), "config": config,
+                "constructor": constructor_call("LowRankCompression", config, init_defaults(type(self))),
+            }  # fmt: skip
+
+    def check_resume(self, checkpoint: dict[str, Any]) -> None:
+        """Before the state dict is loaded: refuse other settings (unless ``allow_config_change``) or other ranks."""
+        pl_module = self._checking
+        if pl_module is None or not low_rank_layers(pl_module):
+            return
+        entry = checkpoint.get(CHECKPOINT_KEY)
+        if not isinstance(entry, dict):
+            shapes = saved_shapes(checkpoint) or {}
+            dense = [k for k in shapes if k not in set(pl_module.state_dict(keep_vars=True))]
+            if dense:
+                raise RuntimeError(
+                    "the checkpoint was written without LowRankCompression: it holds weights this compressed model "
+                    f"does not have ({listing(dense, 2)}). Resume it without the LowRankCompression callback."
+                )
+            return
+        now = plain(self.settings)
+        saved = read_config(entry.get("config"))
+        settings = compare_configs(saved, now) if saved is not None else []
+        if saved is None:
+            rank_zero_warn("LowRankCompression: the checkpoint was written by an earlier lightning-ft and records no "
+                           "compression settings; only the ranks are checked")  # fmt: skip
+        ranks = rank_differences(entry.get("layers") or {}, low_rank_spec(pl_module)["layers"])
+        if not settings and not ranks:
+            return
+        body = "\n".join(f"  {line}" for line in settings + ranks)
+        if ranks or not self.allow_config_change:
+            call = constructor_call("LowRankCompression", saved or now, init_defaults(type(self)),
+                                    also=[line.split(":", 1)[0] for line in settings])  # fmt: skip
+            hatch = (
+                "Other ranks cannot load these factors, whatever allow_config_change says."
+                if ranks else
+                "To continue with these settings on purpose, pass allow_config_change=True to LowRankCompression."
+            )
+            raise RuntimeError(
+                f"the checkpoint does not fit this compressed model: it was written with other LowRankCompression "
+                f"settings (saved -> now):\n{body}\nResume with the saved settings, {call}. {hatch}"
+            )
+        rank_zero_warn(
+            "LowRankCompression: resuming with other settings than the checkpoint's, as allow_config_change=True asks "
+            f"(saved -> now):\n{body}"
+        )
+
+
+def rank_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Lines for layers compressed in only one of two rank specs, or to another rank."""
+    lines = []
+    if gone := [n for n in saved if n not in now]:
+        lines.append(f"compressed layers not compressed now: {listing(gone)}")
+    if new := [n for n in now if n not in saved]:
+        lines.append(f"layers compressed now but not in the checkpoint: {listing(new)}")
+    other = [f"{n} {s.get('rank')} -> {now[n]['rank']}" for n, s in saved.items()
+             if n in now and s.get("rank") != now[n]["rank"]]  # fmt: skip
+    if other:
+        lines.append(f"ranks: {len(other)} layers differ: {listing(other)}")
+    return lines

@@ -11,7 +11,10 @@ same settings then keeps the adapters (and restores which parameters train), a d
 merged model and a new ``fit`` injects fresh adapters on top of it.
 
 Checkpoints hold only the trainable parameters (adapters, ``modules_to_save``, trained biases) plus optimizer,
-scheduler and loop state, and resume exactly on the same base model.
+scheduler and loop state, and resume exactly on the same base model. They also record every LoRA setting and a
+fingerprint of the base model: a resume with other settings (``alpha``, ``r``, targets, ...) or on another base model
+is refused with one message listing the differences, unless ``allow_config_change=True`` (see
+``lightning_ft.callbacks.surgery`` and ``lightning_ft.resume_checks``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 from lightning_ft.callbacks.surgery import ModelSurgery
 from lightning_ft.lora import inject_lora, lora_layers, lora_state_dict
 from lightning_ft.lora.inject import check_lora_args, is_adapter_param
+from lightning_ft.resume_checks import plain
 
 MARKER = "_lightning_ft_lora"  # attribute of the module: {"config": settings, "trainable": names that train}
 
@@ -94,10 +98,20 @@ class LoRA(ModelSurgery):
     or in ``configure_model``; injection happens before DDP / FSDP wrapping, before ``configure_optimizers`` and
     before a checkpoint is restored. Checkpoints hold only the trainable weights (plus optimizer, scheduler and loop
     state) and resume exactly on the same base model. See the module docstring for the details.
+
+    Resume checks: a checkpoint records every LoRA setting and a fingerprint of the base model. Resuming
+    (``Trainer.fit(ckpt_path=...)``) with any other argument, or on another base model, is refused before anything is
+    loaded, with one message listing each difference as ``setting: saved -> now``; ``validate`` / ``test`` /
+    ``predict`` with a checkpoint ignore ``dropout``. ``allow_config_change=True`` is the escape hatch for a
+    deliberate change (e.g. continue with another ``alpha`` or ``dropout``, or on a further trained base): the
+    differences are then a warning. Tensors of other shapes (another ``r``, other targets) or ``use_dora``
+    switched on or off cannot load either way.
     """
 
     label = "LoRA"
     checkpoint_key = "lightning_ft_lora"
+    training_only = ("dropout",)
+    fixed_settings = ("use_dora",)  # DoRA's magnitude vectors are tensors of their own
 
     def __init__(
         self,
@@ -113,9 +127,10 @@ class LoRA(ModelSurgery):
         init: Literal["default", "gaussian", "pissa"] = "default",
         modules_to_save: Sequence[str] | None = None,
         bias: Literal["none", "all", "lora_only"] = "none",
+        allow_config_change: bool = False,
     ) -> None:
         check_lora_args(r, bias, init)
-        super().__init__()
+        super().__init__(allow_config_change=allow_config_change)
         self._evaluating_merged = False  # set per stage: the module holds the merged model (no adapters)
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules, self.exclude_modules = target_modules, exclude_modules
@@ -172,8 +187,8 @@ class LoRA(ModelSurgery):
     def state_keys(self, pl_module: L.LightningModule) -> list[str]:
         return adapter_state_keys(pl_module)
 
-    def checkpoint_config(self) -> str:
-        return repr(self.lora_kwargs)
+    def checkpoint_config(self) -> dict[str, Any]:
+        return plain(self.lora_kwargs)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # a module may turn activation checkpointing on after configure_model (e.g. in on_fit_start)

@@ -7,6 +7,13 @@ The merged folder is a plain Hugging Face model (``save_pretrained``, plus the t
 adapters and keeps working: ``trainer.validate`` / ``test`` / ``predict`` evaluate the merged model, and the
 ``LoRA`` callback does not inject again for them. Only global rank 0 writes; every write is atomic.
 
+Safe outputs (``lightning_ft.io.check_output``), checked in ``setup`` (before training) and again before writing:
+``~`` is expanded; neither folder may be a file, the current folder (or contain it), inside the other or the same,
+or equal to / contain the Trainer's ``default_root_dir``, log folder or checkpoint folder; the parent must be
+writable. An existing folder is replaced only when it is empty or holds exactly what lightning-ft wrote there before
+(a merged / compressed model for ``merged_dir``, an adapter or sparse delta for ``adapter_dir``), unless
+``overwrite=True``, which replaces it whole (once the new folder is completely written).
+
 A sharded model (FSDP2, ``DTensor`` parameters) is gathered instead: every rank takes part in gathering the full
 state dict, global rank 0 alone receives it (on the CPU), folds the adapters into it and writes both folders. The
 sharded module keeps its adapters, unmerged, so evaluation after ``fit`` runs on the adapters (the same function).
@@ -22,7 +29,10 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_ft.io import atomic_path
+from lightning_ft.io import (
+    MODEL_KIND, OutputPathError, atomic_path, check_output, is_own_adapter_folder, is_own_model_folder, mark_output,
+    trainer_folders, user_path,
+)
 from lightning_ft.lora import lora_layers, merge_lora, merged_state_dict
 from lightning_ft.sparse import merge_sparse, save_sparse_delta, sparse_layers
 from lightning_ft.strategies.sharding import full_state_dict, is_sharded
@@ -47,6 +57,28 @@ def _relative(names: list[str], prefix: str) -> list[str]:
     return [n[len(prefix) + 1 :] for n in names if n.startswith(prefix + ".")]
 
 
+def check_export_dirs(
+    merged_dir: str | os.PathLike | None,
+    adapter_dir: str | os.PathLike | None,
+    overwrite: bool = False,
+    protected: list[tuple[str, str]] = (),
+) -> tuple[Path | None, Path | None]:
+    """Check both output folders (``lightning_ft.io.check_output``; ``protected``: the run's own folders) and
+    return them with ``~`` expanded. Raises ``OutputPathError`` naming the folder and what to do."""
+    merged = adapter = None
+    if merged_dir is not None:
+        merged = check_output(
+            merged_dir, "merged_dir", is_own=is_own_model_folder, overwrite=overwrite,
+            others=[("adapter_dir", adapter_dir)], protected=protected,
+        )  # fmt: skip
+    if adapter_dir is not None:
+        adapter = check_output(
+            adapter_dir, "adapter_dir", is_own=is_own_adapter_folder, overwrite=overwrite,
+            others=[("merged_dir", merged_dir)], protected=protected,
+        )  # fmt: skip
+    return merged, adapter
+
+
 def export_adapters(
     module: nn.Module,
     merged_dir: str | os.PathLike | None = None,
@@ -54,6 +86,7 @@ def export_adapters(
     base_model_name_or_path: str | None = None,
     tokenizer: Any = None,
     write: bool = True,
+    overwrite: bool = False,
 ) -> None:
     """Write ``module``'s Hugging Face model's adapter to ``adapter_dir`` (peft format; sparse deltas in
     ``lightning_ft.sparse.export``'s format), then merge the adapters / deltas of ``module`` into their base weights
@@ -61,7 +94,8 @@ def export_adapters(
 
     ``write=False`` merges without writing (the other ranks of a distributed run). A sharded ``module`` is not
     changed: every rank must call this (it gathers the shards), and the writing rank must be rank 0, the one that
-    receives the full tensors.
+    receives the full tensors. Before writing anything, both folders are checked (``check_export_dirs``;
+    ``overwrite`` as in ``MergeAdapters``).
     """
     prefix, hf_model = find_hf_model(module)
     layers = lora_layers(module)
@@ -75,6 +109,8 @@ def export_adapters(
     sharded = is_sharded(module)
     if sharded and sparse_only:
         raise NotImplementedError("exporting sparse deltas of a sharded (FSDP2) model is not supported")
+    if write:
+        merged_dir, adapter_dir = check_export_dirs(merged_dir, adapter_dir, overwrite)
     state = full_state_dict(hf_model) if sharded else None
     if sharded and write and not state:
         raise RuntimeError("only rank 0 receives the tensors gathered from a sharded model; write from rank 0")
@@ -85,7 +121,7 @@ def export_adapters(
         selection = getattr(module, "_lightning_ft_sparse", {}).get("config")  # the SparseMask settings, if any
         extra = _relative(module.__dict__.get("sparse_extra_params", []), prefix)  # relative to the HF model
         metadata = {"selection": selection} if selection else None
-        save_sparse_delta(hf_model, adapter_dir, base_model_name_or_path, extra, metadata=metadata)
+        save_sparse_delta(hf_model, adapter_dir, base_model_name_or_path, extra, metadata=metadata, overwrite=overwrite)
         rank_zero_info(f"MergeAdapters: wrote the sparse deltas to {adapter_dir}")
     elif adapter_dir is not None and write:
         from lightning_ft.lora.peft_format import save_peft_adapter
@@ -94,7 +130,10 @@ def export_adapters(
         if not own:  # inject_lora(module) records names relative to the module; peft wants them relative to the model
             hf_model.lora_modules_to_save = _relative(list(getattr(module, "lora_modules_to_save", [])), prefix)
         try:
-            save_peft_adapter(hf_model, adapter_dir, base_model_name_or_path=base_model_name_or_path, state_dict=state)
+            save_peft_adapter(
+                hf_model, adapter_dir, base_model_name_or_path=base_model_name_or_path, state_dict=state,
+                overwrite=overwrite,
+            )  # fmt: skip
         finally:
             if not own:
                 del hf_model.lora_modules_to_save
@@ -110,6 +149,7 @@ def export_adapters(
             hf_model.save_pretrained(tmp, state_dict=merged_state_dict(hf_model, state) if sharded else None)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            mark_output(tmp, MODEL_KIND)
         what = "model and tokenizer" if tokenizer is not None else "model (no tokenizer found)"
         rank_zero_info(f"MergeAdapters: wrote the merged {what} to {merged_dir}")
 
@@ -136,6 +176,12 @@ class MergeAdapters(L.Callback):
 
     ``base_model_name_or_path`` goes into ``adapter_config.json`` (default: the model's ``name_or_path``). After a
     merge the module holds the merged model without adapters (see the module docstring).
+
+    Both folders (``~`` expanded) are checked in ``setup``, before training (see the module docstring): an existing
+    folder that holds anything lightning-ft did not write there is refused unless ``overwrite=True``; re-running
+    into lightning-ft's own previous output replaces it. ``overwrite=True`` replaces an existing folder whole
+    (everything in it is deleted) once the new one is completely written; it never allows a file, the current
+    folder, one output inside the other, or a folder that is or contains the run's log / checkpoint folders.
     """
 
     def __init__(
@@ -143,17 +189,38 @@ class MergeAdapters(L.Callback):
         merged_dir: str | os.PathLike | None = None,
         adapter_dir: str | os.PathLike | None = None,
         base_model_name_or_path: str | None = None,
+        overwrite: bool = False,
     ) -> None:
         if merged_dir is None and adapter_dir is None:
             raise ValueError("MergeAdapters needs `merged_dir`, `adapter_dir` or both")
-        self.merged_dir = Path(merged_dir) if merged_dir is not None else None
-        self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+        self._given = (merged_dir, adapter_dir)  # as the user wrote them, for messages
+        self.merged_dir = user_path(merged_dir) if merged_dir is not None else None
+        self.adapter_dir = user_path(adapter_dir) if adapter_dir is not None else None
         self.base_model_name_or_path = base_model_name_or_path
+        self.overwrite = overwrite
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse unsafe output folders now, before training (global rank 0 checks, every rank raises)."""
+        if stage != "fit":
+            return
+        protected = trainer_folders(trainer)  # on every rank: trainer.log_dir broadcasts
+        problem = None
+        if trainer.is_global_zero:
+            try:
+                current = (self.merged_dir, self.adapter_dir)  # the given spelling, unless changed since
+                dirs = [g if g is not None and user_path(g) == c else c for g, c in zip(self._given, current)]
+                check_export_dirs(*dirs, overwrite=self.overwrite, protected=protected)
+            except OutputPathError as err:
+                problem = str(err)
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if problem:
+            raise OutputPathError(f"MergeAdapters: {problem}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         write = trainer.is_global_zero
         export_adapters(
             pl_module, self.merged_dir, self.adapter_dir, self.base_model_name_or_path,
             tokenizer=_tokenizer(trainer, pl_module) if write and self.merged_dir is not None else None, write=write,
+            overwrite=self.overwrite,
         )  # fmt: skip
         trainer.strategy.barrier("MergeAdapters")

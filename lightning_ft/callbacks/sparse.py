@@ -40,6 +40,7 @@ from torch import Tensor
 
 from lightning_ft.callbacks.lora import ensure_input_grads_for_checkpointing
 from lightning_ft.callbacks.surgery import ModelSurgery
+from lightning_ft.resume_checks import plain
 from lightning_ft.sparse.calibration import rank_and_world
 from lightning_ft.sparse.inject import inject_sparse, sparse_counts, sparse_layers, sparse_state_keys
 from lightning_ft.sparse.layer import MODES, Mode
@@ -108,10 +109,22 @@ class SparseMask(ModelSurgery):
             ``grow_window`` steps.
         seed: seed of the ``random`` criterion (the same on every rank).
         loss_fn: ``loss_fn(pl_module, batch) -> loss`` for calibration (default: ``training_step``'s loss).
+        allow_config_change: resume a checkpoint written with other settings or on another base model.
+
+    Resume checks: a checkpoint records every argument above (``loss_fn`` aside) and a fingerprint of the base model.
+    Resuming ``fit`` with any other argument (``density``, ``criterion``, ...: the checkpoint's masks would silently
+    replace the new selection), or on another base model, is refused before anything is loaded, with one message
+    listing each difference as ``setting: saved -> now``. ``validate`` / ``test`` / ``predict`` with a checkpoint
+    check only ``mode``, ``target_modules``, ``exclude_modules`` and ``modules_to_save`` (the masks come from the
+    checkpoint). ``allow_config_change=True`` turns the differences into a warning, for a deliberate change
+    (``mode`` cannot change either way).
     """
 
     label = "SparseMask"
     checkpoint_key = "lightning_ft_sparse"
+    training_only = ("density", "criterion", "calibration_batches", "reselect_every", "lora_equivalent_rank",
+                     "allocation", "drop_fraction", "drop_schedule", "grow_window", "seed")  # fmt: skip
+    fixed_settings = ("mode",)  # delta values and dense weights are different tensors
 
     def __init__(
         self,
@@ -130,6 +143,7 @@ class SparseMask(ModelSurgery):
         grow_window: int = 8,
         seed: int = 0,
         loss_fn: Callable[[L.LightningModule, Any], Tensor] | None = None,
+        allow_config_change: bool = False,
     ) -> None:
         check_selection_args(density, criterion, allocation, lora_equivalent_rank, calibration_batches)
         if mode not in MODES:
@@ -138,7 +152,7 @@ class SparseMask(ModelSurgery):
             if criterion == "bitfit":
                 raise ValueError("criterion='bitfit' trains whole biases; there is no mask to re-select")
             DynamicReselection({}, reselect_every, 1, drop_fraction, drop_schedule, grow_window)  # validates
-        super().__init__()
+        super().__init__(allow_config_change=allow_config_change)
         self.density, self.criterion, self.mode = density, criterion, mode
         self.target_modules, self.exclude_modules = target_modules, exclude_modules
         self.calibration_batches, self.reselect_every = calibration_batches, reselect_every
@@ -238,7 +252,12 @@ class SparseMask(ModelSurgery):
         return sparse_state_keys(pl_module)
 
     def checkpoint_config(self) -> dict[str, Any]:
-        return {"mode": self.mode, "settings": repr(self.settings)}
+        """Every setting (``loss_fn`` aside): the selection settings plus the re-selection ones."""
+        names = ("reselect_every", "drop_fraction", "drop_schedule", "grow_window")
+        return plain({**self.settings, **{k: getattr(self, k) for k in names}})
+
+    def fixed_shape(self, key: str) -> bool:
+        return not key.endswith((".indices", ".values"))  # a layer re-sizes itself to the checkpoint's selection
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(trainer, pl_module, checkpoint)

@@ -29,33 +29,72 @@ any callback's ``on_load_checkpoint`` (``checkpoint_connector.py`` ``restore_mod
 ``relax_strict_loading`` sets ``strict_loading = False`` (unless the user set it) and ``on_load_checkpoint`` checks
 the keys itself: every key of ``state_keys`` present, no key the module lacks. Lightning skips callbacks'
 ``on_save_checkpoint`` for ``save_weights_only=True`` checkpoints, which therefore hold the full state dict.
+
+Resume checks (``lightning_ft.resume_checks``). The checkpoint entry (``checkpoint[checkpoint_key]``) records the
+callback's full configuration (``checkpoint_config``), the call that recreates it, the saved tensors' shapes and a
+fingerprint of the base model, taken in the ``configure_model`` wrapper right before ``inject_into`` (base weights,
+not adapters; without the values of tensors the checkpoint carries). Because callbacks' ``on_load_checkpoint`` runs
+after the state dict is loaded (where an ``r`` change fails with a long ``size mismatch`` list), ``setup`` registers
+``check_resume`` through ``register_check``: an instance-level ``on_load_checkpoint`` on the module, which Lightning
+calls right before ``load_model_state_dict``. ``check_resume`` compares the settings (those in ``training_only`` only
+when ``fit`` resumes: ``validate`` / ``test`` / ``predict`` may use other training settings) and the base fingerprint,
+and raises one message listing every difference (``setting: saved -> now``), unless ``allow_config_change=True``
+(then it warns); shapes that cannot load are refused either way. A checkpoint entry naming a callback this run lacks
+is refused by ``check_before_load`` with the call to add. Checkpoints of earlier versions (no fingerprint, settings as
+a repr) are checked as far as they allow, with a warning.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_ft.resume_checks import (
+    FINGERPRINT_ATTR, base_fingerprint, compare_configs, compare_fingerprints, constructor_call, drop_samples, listing,
+    read_config, register_check, saved_shapes, unregister_check,
+)  # fmt: skip
+from lightning_ft.strategies.checkpoint_io import check_checkpoints
+
 
 def state_dict_megabytes(state_dict: dict[str, Any]) -> float:
     return sum(t.numel() * t.element_size() for t in state_dict.values() if isinstance(t, Tensor)) / 2**20
 
 
+def init_defaults(cls: type) -> dict[str, Any]:
+    """The default values of ``cls.__init__``'s keyword arguments."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def public_path(cls: type) -> str:
+    """``lightning_ft.callbacks.LoRA`` rather than ``lightning_ft.callbacks.lora.LoRA`` for the package's callbacks."""
+    if cls.__module__.startswith("lightning_ft.callbacks."):
+        return f"lightning_ft.callbacks.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class ModelSurgery(L.Callback):
-    """Base class: subclasses set ``label`` and ``checkpoint_key`` and implement ``inject_into``, ``is_applied`` and
-    ``state_keys`` (see the module docstring). ``checkpoint_megabytes`` is ``(adapter-only, full)`` of the last save.
+    """Base class: subclasses set ``label``, ``checkpoint_key`` and ``training_only`` and implement ``inject_into``,
+    ``is_applied``, ``state_keys`` and ``checkpoint_config`` (see the module docstring). ``checkpoint_megabytes`` is
+    ``(adapter-only, full)`` of the last save. ``allow_config_change``: resume a checkpoint saved with other settings
+    or on another base model (a warning lists the differences instead of an error).
     """
 
     label = "ModelSurgery"  # the name in messages
-    checkpoint_key = "lightning_ft_surgery"  # checkpoint entry: {"adapter_only": True, "config": ...}
+    checkpoint_key = "lightning_ft_surgery"  # checkpoint entry: see lightning_ft.resume_checks
+    training_only: tuple[str, ...] = ()  # settings that only steer training: compared only when fit resumes
+    fixed_settings: tuple[str, ...] = ()  # settings whose change no checkpoint survives, allow_config_change or not
 
-    def __init__(self) -> None:
+    def __init__(self, allow_config_change: bool = False) -> None:
+        self.allow_config_change = allow_config_change
         self.checkpoint_megabytes: tuple[float, float] | None = None
         self._patched: tuple[L.LightningModule, Any] | None = None
         self._strict_loading: tuple[L.LightningModule, bool | None] | None = None
+        self._checking: tuple[L.LightningModule, str] | None = None  # (module, stage) while check_resume is registered
 
     # ---- what a method defines -----------------------------------------------------------------------------------
     def inject_into(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -70,12 +109,17 @@ class ModelSurgery(L.Callback):
         """State-dict keys an adapter-only checkpoint keeps."""
         raise NotImplementedError
 
-    def checkpoint_config(self) -> Any:
-        """What ``checkpoint[checkpoint_key]["config"]`` records."""
-        return None
+    def checkpoint_config(self) -> dict[str, Any]:
+        """Every setting of the callback, as the keyword arguments of its constructor (plain data)."""
+        raise NotImplementedError
+
+    def fixed_shape(self, key: str) -> bool:
+        """Whether the saved tensor ``key`` must have the module's shape to load (sparse layers re-size themselves)."""
+        return True
 
     # ---- the one-shot configure_model wrapper -----------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_checkpoints(trainer)  # a damaged ckpt_path: its path and a remedy, not torch's EOFError
         if any(isinstance(cb, type(self)) and cb is not self for cb in trainer.callbacks):
             raise RuntimeError(f"more than one {self.label} callback in the Trainer; {self.label} is injected once")
         others = [cb.label for cb in trainer.callbacks if isinstance(cb, ModelSurgery) and not isinstance(cb, type(self))]
@@ -88,10 +132,18 @@ class ModelSurgery(L.Callback):
         def configure_model() -> None:  # deliberately no functools.wraps: see the module docstring
             self._unpatch()
             pl_module.configure_model()  # the module's own (or a previously set instance attribute)
+            fresh = not self.is_applied(pl_module)
+            fingerprint = base_fingerprint(pl_module) if fresh else None  # before injection: the base weights
             self.inject_into(trainer, pl_module)
+            if fingerprint is not None and self.is_applied(pl_module):
+                # values of the tensors the checkpoint carries itself (a fresh head, ...) need not match
+                pl_module.__dict__[FINGERPRINT_ATTR] = drop_samples(fingerprint, self.state_keys(pl_module))
 
         pl_module.configure_model = configure_model
         self._patched = (pl_module, previous)
+        self._unregister()
+        register_check(pl_module, self.checkpoint_key, self.check_resume)
+        self._checking = (pl_module, stage)
 
     def _unpatch(self) -> None:
         if self._patched is None:
@@ -109,8 +161,14 @@ class ModelSurgery(L.Callback):
             self._strict_loading = (pl_module, pl_module._strict_loading)
             pl_module.strict_loading = False
 
+    def _unregister(self) -> None:
+        if self._checking is not None:
+            unregister_check(self._checking[0], self.checkpoint_key)
+            self._checking = None
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._unpatch()
+        self._unregister()
         if self._strict_loading is not None:
             module, value = self._strict_loading
             module._strict_loading = value
@@ -130,7 +188,7 @@ class ModelSurgery(L.Callback):
             return
         full_mb = state_dict_megabytes(state)
         checkpoint["state_dict"] = {k: state[k] for k in keep}
-        checkpoint[self.checkpoint_key] = {"adapter_only": True, "config": self.checkpoint_config()}
+        checkpoint[self.checkpoint_key] = self.checkpoint_entry(pl_module, checkpoint["state_dict"])
         adapter_mb = state_dict_megabytes(checkpoint["state_dict"])
         if self.checkpoint_megabytes is None:
             rank_zero_info(
@@ -138,6 +196,93 @@ class ModelSurgery(L.Callback):
                 f"instead of {full_mb:.2f} MB"
             )
         self.checkpoint_megabytes = (adapter_mb, full_mb)
+
+    def checkpoint_entry(self, pl_module: L.LightningModule, state: dict[str, Any]) -> dict[str, Any]:
+        """What an adapter-only checkpoint records about the method (see ``lightning_ft.resume_checks``)."""
+        config = self.checkpoint_config()
+        return {
+            "adapter_only": True,
+            "callback": self.label,
+            "callback_path": public_path(type(self)),
+            "constructor": constructor_call(self.label, config, init_defaults(type(self))),
+            "config": config,
+            "training_only": list(self.training_only),
+            "tensors": {k: [int(s) for s in v.shape] for k, v in state.items() if isinstance(v, Tensor)},
+            "base": pl_module.__dict__.get(FINGERPRINT_ATTR),
+        }
+
+    def check_resume(self, checkpoint: dict[str, Any]) -> None:
+        """Before the state dict is loaded: refuse other settings or another base model (one message listing every
+        difference; a warning with ``allow_config_change=True``), and tensors whose shapes cannot load."""
+        if self._checking is None:
+            return
+        pl_module, stage = self._checking
+        if not self.is_applied(pl_module):
+            return  # e.g. LoRA evaluating a merged model: its on_load_checkpoint explains
+        entry = checkpoint.get(self.checkpoint_key)
+        if not isinstance(entry, dict):
+            rank_zero_warn(
+                f"{self.label}: the checkpoint records no {self.label} settings (written without the {self.label} "
+                "callback, as weights only, or by an earlier lightning-ft); its settings and base model are not checked"
+            )
+            return
+        now = self.checkpoint_config()
+        saved = read_config(entry.get("config"))
+        skip = () if stage == "fit" else entry.get("training_only", self.training_only)
+        settings = compare_configs(saved, now, skip) if saved is not None else []
+        fingerprint = pl_module.__dict__.get(FINGERPRINT_ATTR)
+        base = compare_fingerprints(entry["base"], fingerprint) if entry.get("base") and fingerprint else []
+        unchecked = [what for what, there in (("settings", saved), ("base model", entry.get("base"))) if there is None]
+        if unchecked:
+            rank_zero_warn(
+                f"{self.label}: the checkpoint was written by an earlier lightning-ft and records no "
+                f"{' and no '.join(unchecked)} to check; resuming without checking {' and '.join(unchecked)}"
+            )
+        differences = settings + base
+        reshaped = self._reshaped(pl_module, checkpoint, entry)
+        fixed = [k for k in _changed(settings) if k in self.fixed_settings]
+        if not differences and not reshaped:
+            return
+        how = " and ".join(w for w, d in (("with other settings", settings), ("on another base model", base)) if d)
+        body = "\n".join(f"  {line}" for line in differences + reshaped)
+        if differences and self.allow_config_change and not reshaped and not fixed:
+            rank_zero_warn(
+                f"{self.label}: resuming a checkpoint written {how}, as allow_config_change=True asks "
+                f"(saved -> now):\n{body}"
+            )
+            return
+        call = constructor_call(self.label, saved or now, init_defaults(type(self)), also=_changed(settings))
+        if reshaped:  # cannot load, whatever the flag says
+            hatch = (
+                "Tensors of other shapes (another rank, other target modules, another model size) cannot be resumed, "
+                "not even with allow_config_change=True: to train with these settings, start a new run."
+            )
+        elif fixed:
+            hatch = (
+                f"{' and '.join(fixed)} cannot change on resume, not even with allow_config_change=True: to train "
+                "with these settings, start a new run."
+            )
+        else:
+            these = " and ".join(w for w, d in (("these settings", settings), ("this base model", base)) if d)
+            hatch = (
+                f"To continue with {these} on purpose, pass allow_config_change=True to {self.label} (also an "
+                "argument of the lightning-ft method modules)."
+            )
+        raise RuntimeError(
+            f"the checkpoint does not fit this {self.label} model: it was written "
+            f"{how or 'with tensors of other shapes'} (saved -> now):\n{body}\nResume with the saved settings, "
+            f"{call}, on the base model it was trained on. {hatch}"
+        )
+
+    def _reshaped(self, pl_module: L.LightningModule, checkpoint: dict[str, Any], entry: dict) -> list[str]:
+        """A line on the saved tensors whose shapes differ from the module's (``[]`` when none do)."""
+        saved = saved_shapes(checkpoint, entry) or {}
+        now = {k: list(v.shape) for k, v in pl_module.state_dict(keep_vars=True).items() if isinstance(v, Tensor)}
+        reshaped = [k for k, s in saved.items() if k in now and s is not None and s != now[k] and self.fixed_shape(k)]
+        if not reshaped:
+            return []
+        shown = [f"{k} {tuple(saved[k])} -> {tuple(now[k])}" for k in reshaped]
+        return [f"tensor shapes: {len(reshaped)} of {len(saved)} saved tensors differ: {listing(shown, 2)}"]
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # runs after Lightning loaded the state dict non-strictly (see the module docstring): check the keys here
@@ -152,3 +297,8 @@ class ModelSurgery(L.Callback):
                 f"{missing[:4]}, {len(unexpected)} unexpected keys {unexpected[:4]}. Resume with the same "
                 f"{self.label} settings and the same base model."
             )
+
+
+def _changed(lines: list[str]) -> list[str]:
+    """The setting names of ``compare_configs`` lines."""
+    return [line.split(":", 1)[0] for line in lines]

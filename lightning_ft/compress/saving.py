@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lightning_ft.compress.layer import LowRankLinear, low_rank_layers
-from lightning_ft.io import atomic_path
+from lightning_ft.io import MODEL_KIND, atomic_path, check_output, is_own_model_folder, mark_output, user_path
 from lightning_ft.targets import is_linear
 
 CONFIG_KEY = "low_rank_compression"
@@ -42,10 +42,11 @@ FORMAT, VERSION = "lightning-ft/low-rank", 1
 
 # ---- the spec ----------------------------------------------------------------------------------------------------
 def low_rank_spec(model: nn.Module) -> dict[str, Any]:
-    """The factorised structure of ``model``: every ``LowRankLinear`` with its rank and shape."""
+    """The factorised structure of ``model``: every ``LowRankLinear`` with its rank and shape (also while ``LoRA`` /
+    ``SparseMask`` wrap a factor: the wrapper's ``base_layer`` holds its bias)."""
     layers = {
         name: {"rank": m.rank, "in_features": m.in_features, "out_features": m.out_features,
-               "bias": m.second.bias is not None}  # fmt: skip
+               "bias": getattr(m.second, "base_layer", m.second).bias is not None}  # fmt: skip
         for name, m in low_rank_layers(model).items()
     }
     return {"format": FORMAT, "version": VERSION, "layers": layers}
@@ -103,14 +104,17 @@ def apply_low_rank_spec(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
 
 
 # ---- save ----------------------------------------------------------------------------------------------------------
-def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None) -> None:
+def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False) -> None:
     """Write ``model`` (compressed, possibly recovered) to the folder ``path``, atomically.
 
     Hugging Face models: ``save_pretrained`` with the ranks in ``config.json`` (plus ``tokenizer``). Other modules:
-    ``model.safetensors`` + ``low_rank_compression.json``. Reload with ``load_compressed``.
+    ``model.safetensors`` + ``low_rank_compression.json``. Reload with ``load_compressed``. ``path`` (``~``
+    expanded) is checked by ``lightning_ft.io.check_output``: an existing folder is replaced only when it is empty
+    or a model folder lightning-ft wrote, or with ``overwrite=True``.
     """
     if any(is_linear(getattr(m, "base_layer", None)) for m in model.modules()):
         raise RuntimeError("the model has adapter layers (LoRA / sparse deltas): merge them before saving")
+    path = check_output(path, "the compressed model's folder", is_own=is_own_model_folder, overwrite=overwrite)
     with atomic_path(path) as tmp:
         if _is_hf_model(model):
             record_in_configs(model)
@@ -123,6 +127,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
             (tmp / SPEC_FILE).write_text(json.dumps(low_rank_spec(model), indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        mark_output(tmp, MODEL_KIND)
 
 
 # ---- load ----------------------------------------------------------------------------------------------------------
@@ -142,7 +147,7 @@ def load_compressed(
             config's ``architectures[0]``.
         dtype: weight dtype; default: the dtype of the saved floating-point weights.
     """
-    path = Path(path)
+    path = user_path(path)
     spec, config = _read_spec(path)
     if model is None:
         if config is None:
@@ -188,6 +193,8 @@ def _build(config: Any, model_class: Any) -> nn.Module:
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    from lightning_ft.file_checks import check_safetensors
+
     index = path / f"{WEIGHTS_FILE}.index.json"
     if index.exists():  # sharded save_pretrained
         files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
@@ -197,6 +204,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE} (or its shard index)")
     state: dict[str, torch.Tensor] = {}
     for f in files:
+        check_safetensors(path / f, "Save the compressed model again or copy the whole folder again.")
         state.update(load_file(str(path / f)))
     return state
 

@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from lightning_ft.io import atomic_path
+from lightning_ft.file_checks import CorruptFileError, check_safetensors, read_json_file
+from lightning_ft.io import SIGNATURE, atomic_path, check_output, is_own_adapter_folder
 from lightning_ft.lora.inject import _set_module, inject_lora, lora_layers
 from lightning_ft.lora.layer import LoRALinear
 from lightning_ft.targets import is_linear, select_modules
@@ -122,6 +123,18 @@ def _infer_bias(model: nn.Module, layers: dict[str, LoRALinear], saved: list[str
     return "all" if trained - lora_biases else "lora_only" if trained else "none"
 
 
+def base_model_name(model: nn.Module) -> str:
+    """What ``adapter_config.json`` records as ``base_model_name_or_path`` when the caller names no base.
+
+    The model's ``name_or_path``: ``lightning_ft.models.load_model`` sets it to the model's public name (the hub id
+    behind a packaged model, else the path or id the user gave; never a cache path). A model built from a config
+    has none; it gets ``"<ClassName built from a config>"``: honest, never a hub id (``<`` cannot be in one, so
+    nothing looks it up on the hub) and refused with an explanation by ``lightning_ft.models.load_model``.
+    """
+    name = getattr(model, "name_or_path", None)
+    return str(name) if name else f"<{type(model).__name__} built from a config>"
+
+
 # ---- save ------------------------------------------------------------------------------------------------------
 def save_peft_adapter(
     model: nn.Module,
@@ -130,17 +143,23 @@ def save_peft_adapter(
     task_type: str | None = None,
     bias: str | None = None,
     state_dict: dict[str, Tensor] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the adapters of ``model`` (after ``inject_lora``) as a peft adapter folder, atomically.
 
     ``PeftModel.from_pretrained(base, path)`` on the same base weights reproduces the model's outputs.
+    ``base_model_name_or_path`` defaults to :func:`base_model_name` (the public name, never a cache path).
     ``task_type`` defaults from the class name (``...ForCausalLM`` -> ``"CAUSAL_LM"``, ...); for classification and
     question answering peft always loads the head (``classifier`` / ``score`` / ``qa_outputs``), so its current
     weights are written as a module to save even when it was not trained. ``bias`` defaults to the mode
     ``inject_lora`` recorded (``model.lora_bias``), else to what the model trains (``"all"``, ``"lora_only"`` or
     ``"none"``, read from ``requires_grad``). ``state_dict``: the tensors to write, under ``model.state_dict()``'s
     keys, instead of the model's own (full tensors gathered from a sharded model).
+
+    ``path`` (``~`` expanded) is checked by ``lightning_ft.io.check_output``: an existing folder is replaced only
+    when it is empty or an adapter lightning-ft wrote (peft or sparse delta), or with ``overwrite=True``.
     """
+    path = check_output(path, "adapter_dir", is_own=is_own_adapter_folder, overwrite=overwrite)
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters to save (inject_lora first)")
@@ -156,7 +175,7 @@ def save_peft_adapter(
     alpha = Counter(v[1] for v in wanted.values()).most_common(1)[0][0]
     config = {
         "peft_type": "LORA", "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None) or None,
+        "base_model_name_or_path": base_model_name_or_path or base_model_name(model),
         "r": r, "lora_alpha": alpha, "lora_dropout": getattr(first.dropout, "p", 0.0),
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
         "rank_pattern": {_exact_key(n, list(layers)): v[0] for n, v in wanted.items() if v[0] != r},
@@ -177,7 +196,7 @@ def save_peft_adapter(
     with atomic_path(path) as tmp:
         tmp.mkdir()
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", SIGNATURE: "peft_adapter"})
     return Path(path)
 
 
@@ -187,14 +206,12 @@ def load_peft_adapter(model: nn.Module, path: str | Path, trainable: bool = Fals
 
     Reads folders written by ``save_peft_adapter`` and by ``PeftModel.save_pretrained``. With ``trainable=False``
     (peft's default) everything is frozen; with ``True`` the adapters (and ``modules_to_save``, trained biases) train.
-    Raises ``ValueError`` naming the tensor and both shapes when the adapter was made for another base model.
+    Raises ``ValueError`` naming the tensor and both shapes when the adapter was made for another base model, and
+    ``FileNotFoundError`` / ``lightning_ft.file_checks.CorruptFileError`` naming the file when a file of the folder is
+    missing, cut short or garbled.
     """
-    path = Path(path)
-    if not (path / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path} (only peft's safetensors format is read)")
-    config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path} holds a {config.get('peft_type')!r} adapter; only LORA is supported")
+    path = Path(path).expanduser()
+    config = _read_adapter_config(path)
     if unsupported := [k for k in UNSUPPORTED if config.get(k)]:
         raise NotImplementedError(f"{path}: peft options {unsupported} are not supported")
     if lora_layers(model):
@@ -214,7 +231,7 @@ def load_peft_adapter(model: nn.Module, path: str | Path, trainable: bool = Fals
     bias = config.get("bias", "none")
     state = {
         re.sub(r"\.lora_magnitude_vector\.weight$", ".lora_magnitude_vector", k): v
-        for k, v in load_file(path / WEIGHTS_NAME).items()
+        for k, v in _read_adapter_weights(path).items()
     }
     wrapper_keys = tuple(f"{PREFIX}{n}.{part}." for n in saved for part in ("original_module", "modules_to_save"))
     state = {k: v for k, v in state.items() if not k.startswith(wrapper_keys)}  # peft's bias="all" copies
@@ -233,6 +250,41 @@ def load_peft_adapter(model: nn.Module, path: str | Path, trainable: bool = Fals
     if not trainable:
         model.requires_grad_(False)
     return model
+
+
+_REEXPORT = (
+    "Export the adapter again (save_peft_adapter, PeftModel.save_pretrained, MergeAdapters(adapter_dir=...)) or "
+    "copy the whole folder again."
+)
+
+
+def _read_adapter_config(path: Path) -> dict:
+    """``adapter_config.json`` of the adapter folder ``path``, checked: errors name the file and what to do."""
+    if not path.exists():
+        raise FileNotFoundError(f"adapter folder not found: {path}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file; pass the adapter folder (with {CONFIG_NAME}, {WEIGHTS_NAME})")
+    if not (path / WEIGHTS_NAME).is_file():
+        old = (path / "adapter_model.bin").is_file()
+        hint = " It holds adapter_model.bin: save it with safe_serialization=True." if old else ""
+        what = f"no {WEIGHTS_NAME} in {path} (only peft's safetensors format is read)."
+        raise FileNotFoundError(f"{what}{hint} {_REEXPORT}")
+    config = read_json_file(path / CONFIG_NAME, "peft adapter config", _REEXPORT)
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path} holds a {config.get('peft_type')!r} adapter; only LORA is supported")
+    if missing := [k for k in ("r", "lora_alpha", "target_modules") if config.get(k) is None]:
+        raise CorruptFileError(f"{path / CONFIG_NAME} lacks {missing}, which a LoRA adapter config needs. {_REEXPORT}")
+    return config
+
+
+def _read_adapter_weights(path: Path) -> dict[str, Tensor]:
+    """The tensors of ``path``'s ``adapter_model.safetensors``; a damaged file is named, with what to do."""
+    file = path / WEIGHTS_NAME
+    check_safetensors(file, _REEXPORT)
+    try:
+        return load_file(file)
+    except Exception as err:  # safetensors' own error for what the header check cannot see
+        raise CorruptFileError(f"{file} cannot be read ({err}). {_REEXPORT}") from err
 
 
 def _copy_into(targets: dict[str, Tensor], state: dict[str, Tensor], path: Path) -> None:

@@ -20,7 +20,9 @@ class LoRAModule(AdapterModule):
     else for causal LMs; ``[]`` trains no head.
     ``loraplus_lr_ratio``: LoRA+, the ``lora_B`` matrices get ``learning_rate * loraplus_lr_ratio`` (16 in the paper).
     ``merged_dir`` / ``adapter_dir``: at the end of ``fit``, write the merged Hugging Face model / the peft adapter;
-    after a merge the module holds the merged model. Other arguments are ``FineTuneModule``'s (LoRA's default
+    after a merge the module holds the merged model. ``overwrite``: replace existing output folders whole (see
+    ``MergeAdapters``). ``allow_config_change``: resume a checkpoint written with other settings or on another base
+    model (a warning instead of an error; see ``LoRA``). Other arguments are ``FineTuneModule``'s (LoRA's default
     learning rate is higher than full fine-tuning's).
     """
 
@@ -45,6 +47,8 @@ class LoRAModule(AdapterModule):
         loraplus_lr_ratio: float | None = None,
         merged_dir: str | None = None,
         adapter_dir: str | None = None,
+        overwrite: bool = False,
+        allow_config_change: bool = False,
         learning_rate: float = 2e-4,
         **kwargs: Any,
     ) -> None:
@@ -64,7 +68,7 @@ class LoRAModule(AdapterModule):
         return {k: hp[k] for k in names}
 
     def method_callback(self) -> LoRA:
-        return LoRA(**self.lora_settings())
+        return LoRA(**self.lora_settings(), allow_config_change=self.hparams.get("allow_config_change", False))
 
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
         ratio = self.hparams.loraplus_lr_ratio

@@ -23,7 +23,9 @@ class SparseModule(AdapterModule):
     ``score``), and nothing else for causal LMs; ``[]`` trains no head. ``merged_dir`` / ``adapter_dir``: at the end
     of ``fit``, write the merged Hugging Face model / the sparse deltas (indices and values); after a merge the module
     holds the merged model. In delta mode the ``values`` vectors get the weight decay of weight matrices (it pulls
-    each trained entry back towards its pretrained value). Other arguments are ``FineTuneModule``'s.
+    each trained entry back towards its pretrained value). ``overwrite``: replace existing output folders whole (see
+    ``MergeAdapters``). ``allow_config_change``: resume a checkpoint written with other settings or on another base
+    model (a warning instead of an error; see ``SparseMask``). Other arguments are ``FineTuneModule``'s.
     """
 
     def __init__(
@@ -48,6 +50,8 @@ class SparseModule(AdapterModule):
         modules_to_save: list[str] | None = None,
         merged_dir: str | None = None,
         adapter_dir: str | None = None,
+        overwrite: bool = False,
+        allow_config_change: bool = False,
         learning_rate: float = 2e-4,
         **kwargs: Any,
     ) -> None:
@@ -66,7 +70,7 @@ class SparseModule(AdapterModule):
         return {k: hp[k] for k in names}
 
     def method_callback(self) -> SparseMask:
-        return SparseMask(**self.sparse_settings())
+        return SparseMask(**self.sparse_settings(), allow_config_change=self.hparams.get("allow_config_change", False))
 
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
         values = {id(layer.values) for layer in sparse_layers(self).values() if layer.values is not None}

@@ -19,13 +19,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_ft.io import atomic_path
+from lightning_ft.file_checks import check_safetensors, read_json_file
+from lightning_ft.io import SIGNATURE, atomic_path, check_output, is_own_adapter_folder, user_path
 from lightning_ft.sparse.inject import inject_sparse, sparse_layers
 from lightning_ft.sparse.layer import check_indices
 from lightning_ft.targets import is_linear
 
 CONFIG_NAME = "sparse_config.json"
 WEIGHTS_NAME = "sparse_delta.safetensors"
+FIX = "Export the delta again (save_sparse_delta or MergeAdapters(adapter_dir=...)) or copy the whole folder again."
 FORMAT = "lightning_ft.sparse_delta"
 VERSION = 1
 
@@ -36,12 +38,16 @@ def save_sparse_delta(
     base_model_name_or_path: str | None = None,
     extra_params: Sequence[str] | None = None,
     metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the sparse deltas of ``model`` (after ``inject_sparse``) and its other trained parameters, atomically.
 
     ``extra_params`` (default ``model.sparse_extra_params``) names the trained parameters written in full;
-    ``metadata`` (e.g. the selection criterion) goes into the config as is.
+    ``metadata`` (e.g. the selection criterion) goes into the config as is. ``path`` (``~`` expanded) is checked
+    by ``lightning_ft.io.check_output``: an existing folder is replaced only when it is empty or a sparse delta
+    lightning-ft wrote (or a peft adapter it wrote), or with ``overwrite=True``.
     """
+    path = check_output(path, "adapter_dir", is_own=is_own_adapter_folder, overwrite=overwrite)
     layers = sparse_layers(model)
     extra = list(getattr(model, "sparse_extra_params", []) if extra_params is None else extra_params)
     if not layers and not extra:
@@ -56,7 +62,8 @@ def save_sparse_delta(
     nnz, numel = sum(layer.nnz for layer in layers.values()), sum(layer.numel for layer in layers.values())
     config = {
         "format": FORMAT, "version": VERSION,
-        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None) or None,
+        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None)
+        or f"<{type(model).__name__} built from a config>",
         "mode": next(iter(layers.values())).mode if layers else None,
         "nnz": nnz, "density": nnz / numel if numel else None,
         "layers": {n: {"shape": list(layer.base_layer.weight.shape), "nnz": layer.nnz} for n, layer in layers.items()},
@@ -65,7 +72,7 @@ def save_sparse_delta(
     with atomic_path(path) as tmp:
         tmp.mkdir()
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", SIGNATURE: "sparse_delta"})
     return Path(path)
 
 
@@ -77,14 +84,15 @@ def load_sparse_delta(model: nn.Module, path: str | Path, trainable: bool = Fals
     parameter does not exist or has another shape (a delta made for another base model). With ``trainable=False``
     everything is frozen.
     """
-    path = Path(path)
+    path = user_path(path)
     if not (path / WEIGHTS_NAME).is_file() or not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{path} is not a sparse delta folder ({CONFIG_NAME} + {WEIGHTS_NAME})")
-    config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    config = read_json_file(path / CONFIG_NAME, "sparse delta config", FIX)
     if config.get("format") != FORMAT or config.get("version", 0) > VERSION:
         raise ValueError(f"{path}: not a {FORMAT} v{VERSION} folder (format {config.get('format')!r})")
     if sparse_layers(model):
         raise RuntimeError("the model already has sparse deltas; load a delta into a plain model")
+    check_safetensors(path / WEIGHTS_NAME, FIX)
     state = load_file(path / WEIGHTS_NAME)
     modules, params = dict(model.named_modules()), dict(model.named_parameters())
     indices = {}

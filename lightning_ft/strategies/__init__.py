@@ -8,6 +8,7 @@ lightning_ft.strategies.AdapterFSDP2Strategy --trainer.strategy.activation_check
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_ft.strategies.checkpoint_io import CheckedCheckpointIO, check_checkpoints
 from lightning_ft.strategies.comm import AllReduceCounter, count_allreduce_hook, trainable_bytes
 from lightning_ft.strategies.ddp import AdapterDDPStrategy
 from lightning_ft.strategies.fsdp1 import AdapterFSDP1Strategy
@@ -34,7 +35,9 @@ __all__ = [
     "AdapterFSDP1Strategy",
     "AdapterFSDP2Strategy",
     "AllReduceCounter",
+    "CheckedCheckpointIO",
     "adapter_wrap_policy",
+    "check_checkpoints",
     "count_allreduce_hook",
     "find_blocks",
     "full_state_dict",

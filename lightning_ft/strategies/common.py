@@ -18,6 +18,8 @@ from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
+from lightning_ft.file_checks import check_checkpoint
+
 WORLD_SIZE_KEY = "lightning_ft_world_size"  # checkpoint key: the number of processes that wrote it
 
 
@@ -114,6 +116,7 @@ class AdapterStrategyMixin:
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        check_checkpoint(checkpoint_path)  # the path and a remedy, not torch's EOFError, for a damaged file
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
         check_world_size(checkpoint, self.world_size, checkpoint_path)
         return checkpoint

@@ -26,6 +26,8 @@ from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lightning_ft.file_checks import check_checkpoint
+from lightning_ft.resume_checks import check_before_load
 from lightning_ft.strategies.common import AdapterStrategyMixin, as_timeout, check_world_size
 from lightning_ft.strategies.sharding import parallelize
 
@@ -124,10 +126,12 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
+        check_checkpoint(path)  # a sharded folder bypasses checkpoint_io: check its files here
         if not _is_sharded_checkpoint(path):
             return super().load_checkpoint(path, weights_only)  # a full file; AdapterStrategyMixin checks it
         metadata = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
         check_world_size(metadata, self.world_size, path)
+        check_before_load(self.lightning_module, metadata)  # settings, base and callback, before any tensor loads
         if self.lightning_module.strict_loading:
             return ModelParallelStrategy.load_checkpoint(self, path, weights_only)
         return self._load_partial(path, metadata)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import require_mr, require_packaged
+from conftest import require_mr, require_packaged, sentiment_rows, tiny_bert
 
-from lightning_ft.cli import make_cli
+from lightning_ft.cli import main, make_cli
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is intended")  # args given in-process
 
 
 def small_run(recipe: str, tmp_path: Path, *extra: str) -> list[str]:
@@ -125,3 +127,92 @@ def test_lora_main_job_on_smollm2(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
     ckpt = next(tmp_path.glob("logs/version_0/checkpoints/*.ckpt"))
     assert ckpt.stat().st_size < 50 * 2**20  # adapter-only: a full SmolLM2 checkpoint is over 500 MB
+
+
+# ---- labels, help, options, errors (in-process, a tiny local classifier) ---------------------------------------------
+def write_rows(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory, tokenizer) -> str:
+    """A folder with the tiny BPE tokenizer and a tiny random BERT classifier, loadable by name like a real model."""
+    folder = tmp_path_factory.mktemp("tiny-classifier")
+    tokenizer.save_pretrained(folder)
+    tiny_bert(len(tokenizer)).save_pretrained(folder)
+    return str(folder)
+
+
+def classification_args(tmp_path: Path, model: str, *extra: str) -> list[str]:
+    """``fit`` of a classifier on 8 rows for one step, quiet; no ``--data.labels``."""
+    rows = write_rows(tmp_path / "rows.jsonl", sentiment_rows(8))
+    return [
+        "fit", "--model", "lightning_ft.SFTModule", "--model.init_args.model_name_or_path", model,
+        "--data.task", "classification", "--data.train", rows, "--data.max_length", "32", "--data.batch_size", "4",
+        "--trainer.max_steps", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.logger", "false",
+        "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(tmp_path), *extra,
+    ]  # fmt: skip
+
+
+def test_classification_labels_are_inferred_when_not_given(tmp_path):
+    rows = write_rows(tmp_path / "rows.jsonl", sentiment_rows(8))
+    cli = make_cli(
+        ["--model", "lightning_ft.SFTModule", "--model.init_args.model_name_or_path", "some-org/some-model",
+         "--data.task", "classification", "--data.train", rows, "--trainer.default_root_dir", str(tmp_path)],
+        run=False,
+    )  # fmt: skip
+    assert cli.model.labels == cli.datamodule.labels == ["negative", "positive"]
+    assert cli.model.hparams.labels == ["negative", "positive"]  # what a checkpoint records
+
+
+def test_fit_with_inferred_labels_and_a_logger(tmp_path, tiny_classifier):
+    """Module and data hparams are merged for the logger (Lightning refuses one key with two values)."""
+    args = classification_args(tmp_path, tiny_classifier, "--data.val", str(tmp_path / "rows.jsonl"))
+    args += ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(tmp_path),
+             "--trainer.limit_val_batches", "1"]  # fmt: skip
+    main(args)
+    hparams = (tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text()
+    assert re.search(r"labels:\n- negative\n- positive", hparams)
+
+
+def test_fit_help_lists_the_module_arguments_and_no_optimizer(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    shared, lora, sparse = (out.split(marker, 1)[1] for marker in ("Shared by every module:", "LoRAModule (", "SparseModule ("))
+    assert "--model.init_args.learning_rate" in shared and "--model.init_args.warmup_ratio" in shared
+    assert "--model.init_args.r R" in lora and "--model.init_args.use_dora" in lora and "--model.init_args.adapter_dir" in lora
+    assert "--model.init_args.density" in sparse and "--model.init_args.criterion" in sparse
+    assert "--optimizer" not in out and "--lr_scheduler" not in out
+
+
+INVALID = [
+    ("batch-size-0", ["--data.batch_size", "0"], r"batch_size must be a whole number of at least 1, got 0"),
+    ("batch-size-not-an-int", ["--data.batch_size", "abc"], r"data\.batch_size: expected int, got abc\."),
+    ("unknown-scheduler", ["--model.init_args.scheduler", "foo"],
+     r"model\.init_args\.scheduler of lightning_ft\.SFTModule: expected one of 'linear', 'cosine', 'constant', got foo"),
+    ("argument-of-another-module", ["--model.init_args.r", "4"], r"model\.init_args of lightning_ft\.SFTModule: Option 'r'"),
+    ("duplicate-labels", ["--data.labels", "[a, a]"], r"`labels` \['a', 'a'\] name \['a'\] more than once"),
+    ("optimizer", ["--optimizer", "SGD"], r"unrecognized arguments: --optimizer SGD\. The modules build their own AdamW"),
+    ("missing-train-file", ["--data.train", "missing.jsonl"], r"train: file missing\.jsonl does not exist"),
+    ("no-train-no-labels", ["--data.train", "null"], r"there is no `data\.train`: give the ordered label set"),
+    ("mixed-labels", ["--data.train", "MIXED"], r"train row 1: label 'negative' is a string but row 0 has the int label 1"),
+    ("mixed-labels-given-labels", ["--data.train", "MIXED", "--data.labels", "[negative, positive]"],
+     r"train row 1: label 'negative' is a string but row 0 has the int label 1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra, pattern", [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_values_print_one_paragraph(tmp_path, capsys, tiny_classifier, extra, pattern):
+    mixed = write_rows(tmp_path / "mixed.jsonl", [{"text": "good", "label": 1}, {"text": "dull", "label": "negative"}])
+    extra = [mixed if a == "MIXED" else a for a in extra]
+    with pytest.raises(SystemExit) as exit_:
+        main(classification_args(tmp_path, tiny_classifier, *extra))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert line.startswith("lightning-ft fit: error: ") and re.search(pattern, line), line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -51,3 +52,23 @@ def require_columns(rows: list[dict], columns: list[str], split: str, first_row:
                 f"{split} row {idx}: column(s) {missing} not found; the row has columns {sorted(row)}. "
                 "Rename them or set the matching *_column argument of FineTuneDataModule."
             )
+
+
+def describe_value(value: Any) -> str:
+    """``null`` for None, else the value's type and a short repr (for messages about a field of the wrong type)."""
+    if value is None:
+        return "null"
+    name, text = type(value).__name__, repr(value)
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name} ({text[:40] + '...' if len(text) > 40 else text})"
+
+
+def require_text(rows: list[dict], columns: Iterable[str | None], split: str, first_row: int = 0) -> None:
+    """Raise a clear error when a text field of any row is not a string (``null`` would train on the text "None")."""
+    columns = [c for c in columns if c is not None]
+    for idx, row in enumerate(rows, first_row):
+        for c in columns:
+            if not isinstance(row[c], str):
+                raise ValueError(
+                    f"{split} row {idx}: `{c}` is {describe_value(row[c])}, not a string. "
+                    "Fill it in (as text) or drop the row."
+                )

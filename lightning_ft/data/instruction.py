@@ -17,9 +17,11 @@ each choice after the prompt, so that evaluation can score each choice by its lo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from transformers import PreTrainedTokenizerBase
 
-from lightning_ft.data.formats import EncodedSplit, Example, require_columns
+from lightning_ft.data.formats import EncodedSplit, Example, describe_value, require_columns, require_text
 
 Message = dict[str, str]
 
@@ -61,14 +63,14 @@ class InstructionFormat:
     # ---- rendering -------------------------------------------------------------------------------------------
     def messages(self, row: dict, with_answer: bool = True) -> list[Message]:
         """The chat messages of ``row``; without the final answer when ``with_answer`` is False."""
-        if self.messages_column in row:
+        if self._is_chat(row):
             msgs = [dict(role=m["role"], content=m["content"]) for m in row[self.messages_column]]
             if not with_answer and msgs and msgs[-1]["role"] == "assistant":
                 msgs = msgs[:-1]
         else:
-            msgs = [{"role": "user", "content": str(row[self.prompt_column])}]
+            msgs = [{"role": "user", "content": row[self.prompt_column]}]
             if with_answer:
-                msgs.append({"role": "assistant", "content": str(row[self.response_column])})
+                msgs.append({"role": "assistant", "content": row[self.response_column]})
         if self.system_prompt is not None and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": self.system_prompt})
         return msgs
@@ -80,14 +82,50 @@ class InstructionFormat:
         text = render_plain(messages, tokenizer.eos_token, add_generation_prompt)
         return tokenizer(text, add_special_tokens=True)["input_ids"]
 
-    # ---- encoding --------------------------------------------------------------------------------------------
-    def _check_columns(self, rows: list[dict], split: str, with_answer: bool) -> None:
-        """Each row needs a messages column, or a prompt column (and a response column when training)."""
+    # ---- validation ------------------------------------------------------------------------------------------
+    def _check_rows(self, rows: list[dict], split: str, with_answer: bool) -> None:
+        """Each row needs a well-formed messages column, or a prompt column (and a response column when training);
+        every text is a string."""
         columns = [self.prompt_column] + ([self.response_column] if with_answer else [])
         for idx, row in enumerate(rows):
-            if self.messages_column not in row:
+            # a null messages column is an absent one (datasets and Parquet fill columns a row lacks with None)
+            if self._is_chat(row) or (self.messages_column in row and self.prompt_column not in row):
+                self._check_messages(row[self.messages_column], f"{split} row {idx}", with_answer)
+            else:
                 require_columns([row], columns, split, first_row=idx)
+                require_text([row], columns, split, first_row=idx)
 
+    def _check_messages(self, msgs: object, where: str, with_answer: bool) -> None:
+        col = self.messages_column
+        example = "[{'role': 'user', 'content': '...'}, {'role': 'assistant', 'content': '...'}]"
+        if not isinstance(msgs, (list, tuple)):
+            hint = " (CSV cannot hold lists: use JSONL or Parquet for chat rows)" if isinstance(msgs, str) else ""
+            raise ValueError(f"{where}: `{col}` is {describe_value(msgs)}, not a list of turns like {example}{hint}")
+        if not msgs:
+            raise ValueError(f"{where}: `{col}` is empty; a chat row needs at least a user turn. Drop the row.")
+        for t, turn in enumerate(msgs):
+            if not isinstance(turn, Mapping):
+                raise ValueError(f"{where}: turn {t} of `{col}` is {describe_value(turn)}, not a dict like {example}")
+            missing = [k for k in ("role", "content") if k not in turn]
+            if missing:
+                hint = " (ShareGPT-style 'from' / 'value' turns must be renamed)" if "from" in turn else ""
+                raise ValueError(
+                    f"{where}: turn {t} of `{col}` has no {' and no '.join(repr(k) for k in missing)} (its keys are "
+                    f"{sorted(turn)}); every turn needs 'role' and 'content'{hint}. Fix the turn or drop the row."
+                )
+            for key in ("role", "content"):
+                if not isinstance(turn[key], str):
+                    raise ValueError(
+                        f"{where}: turn {t} of `{col}`: '{key}' is {describe_value(turn[key])}, not a string. "
+                        "Fill it in (as text) or drop the row."
+                    )
+        if with_answer and msgs[-1]["role"] != "assistant":
+            raise ValueError(
+                f"{where}: the last turn of `{col}` must be the assistant's answer (the text trained on), got role "
+                f"{msgs[-1]['role']!r}. End the conversation with an assistant turn or drop the row."
+            )
+
+    # ---- encoding --------------------------------------------------------------------------------------------
     def encode_row(self, row: dict, tokenizer: PreTrainedTokenizerBase) -> Example:
         """Token ids and labels of one row, untruncated. Every assistant turn is trained on."""
         msgs = self.messages(row)
@@ -111,7 +149,7 @@ class InstructionFormat:
         return {"input_ids": input_ids, "labels": labels, "prompt_length": start}
 
     def encode(self, rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int, split: str) -> EncodedSplit:
-        self._check_columns(rows, split, with_answer=True)
+        self._check_rows(rows, split, with_answer=True)
         examples, truncated = [], 0
         for idx, row in enumerate(rows):
             ex = self.encode_row(row, tokenizer)
@@ -129,7 +167,7 @@ class InstructionFormat:
         return EncodedSplit(examples, truncated)
 
     def encode_for_predict(self, rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int) -> EncodedSplit:
-        self._check_columns(rows, "predict", with_answer=False)
+        self._check_rows(rows, "predict", with_answer=False)
         examples = []
         for idx, row in enumerate(rows):
             ids = self.tokenize(tokenizer, self.messages(row, with_answer=False), add_generation_prompt=True)
@@ -166,7 +204,10 @@ class InstructionFormat:
             "choice_label": choices.index(answer) if answer is not None else -100,
         }
 
+    def _is_chat(self, row: dict) -> bool:
+        return row.get(self.messages_column) is not None
+
     def _has_answer(self, row: dict) -> bool:
-        if self.messages_column in row:
+        if self._is_chat(row):
             return bool(row[self.messages_column]) and row[self.messages_column][-1]["role"] == "assistant"
         return self.response_column in row

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -26,7 +26,7 @@ def load_rows(source: Source, name: str = "data") -> Rows:
     elif _is_hf_dataset(source):
         rows = [dict(r) for r in source]
     elif isinstance(source, Sequence):
-        rows = [dict(r) for r in source]
+        rows = [_as_row(r, f"{name} row {i}") for i, r in enumerate(source)]
     else:
         raise TypeError(f"{name}: expected a file path, a list of dicts or a datasets.Dataset, got {type(source).__name__}")
     if not rows:
@@ -63,9 +63,10 @@ def _read_file(path: Path, name: str) -> Rows:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        row = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{name}: {path} line {lineno} is not valid JSON: {e}") from e
+                    rows.append(_as_row(row, f"{name}: {path} line {lineno}"))
             return rows
     if suffix == ".json":
         text = path.read_text(encoding="utf-8")
@@ -76,10 +77,19 @@ def _read_file(path: Path, name: str) -> Rows:
             data = next(iter(data.values()))  # {"data": [...]}
         if not isinstance(data, list):
             raise ValueError(f"{name}: {path} must hold a JSON list of objects")
-        return data
+        return [_as_row(row, f"{name}: {path} item {i}") for i, row in enumerate(data)]
     if suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = []
+            for row in reader:
+                if None in row:  # DictReader files surplus fields under the key None
+                    raise ValueError(
+                        f"{name}: {path} line {reader.line_num} has more fields than the header {reader.fieldnames}; "
+                        'quote fields that contain the delimiter (e.g. "great, really")'
+                    )
+                rows.append(row)
+            return rows
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -87,6 +97,16 @@ def _read_file(path: Path, name: str) -> Rows:
             raise ImportError(f"{name}: reading {path} needs pyarrow: pip install 'lightning-ft[parquet]'") from e
         return pq.read_table(path).to_pylist()
     raise ValueError(f"{name}: unsupported file type {suffix!r} for {path}; use one of {', '.join(SUFFIXES)}")
+
+
+def _as_row(row: Any, where: str) -> dict[str, Any]:
+    """``row`` as a dict of columns; a clear error for anything else (a string, a list, a null)."""
+    if not isinstance(row, Mapping):
+        raise ValueError(
+            f"{where} is {'null' if row is None else repr(row)[:40]}, not an object with named columns "
+            'such as {"text": "...", "label": "positive"}. Fix or drop it.'
+        )
+    return dict(row)
 
 
 def _is_hf_dataset(obj: Any) -> bool:

@@ -102,6 +102,21 @@ def instruction_rows(n: int = 40) -> list[dict]:
     ]
 
 
+WORDS = " ".join(CORPUS[:5]).split()
+
+
+def varied_rows(n: int = 8, longest: int = 128) -> list[dict]:
+    """Instruction rows whose answers have 1, 2, 4, ..., ``longest`` words (then again), so micro-batches and ranks
+    hold very unequal numbers of target tokens: a per-micro-batch mean cannot pass for the token-level mean."""
+    lengths = [2**i for i in range(longest.bit_length()) if 2**i <= longest]
+    rows = []
+    for i in range(n):
+        k = lengths[i % len(lengths)]
+        answer = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(k))
+        rows.append({"prompt": f"repeat after me {WORDS[i % len(WORDS)]}", "response": answer})
+    return rows
+
+
 def require_packaged(short_name: str) -> None:
     """Skip the test when the packaged model behind ``short_name`` is not installed."""
     import importlib.util
@@ -122,13 +137,17 @@ def require_mr() -> str:
 
 
 class LossRecorder(L.Callback):
-    """Records each training step's loss (``outputs["loss"]``)."""
+    """Records each micro-batch's mean loss: the returned summed loss (``outputs["loss"]`` times the accumulation
+    that Lightning divided it by) over the batch's loss terms."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
+        from lightning_ft.modules.objectives import count_targets
+
+        terms = max(int(count_targets(batch["labels"])), 1)
+        self.losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches / terms)
 
 
 # ---- shared by the callback tests (LoRA, SparseMask) -------------------------------------------------------------

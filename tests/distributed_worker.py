@@ -6,9 +6,11 @@ batch of 4 and exports the peft adapter and the merged model to ``<out>/adapter`
 
 Modes under torchrun (2 processes, 2 rows each per step):
 - ``ddp``: ``AdapterDDPStrategy`` counting the bytes it all-reduces; rank 0 writes ``<out>/report.json``; then
-  sparse fine-tuning (``SparseModule``, magnitude masks) into ``<out>/sparse``.
+  sparse fine-tuning (``SparseModule``, magnitude masks) into ``<out>/sparse``; then LoRA again with 1 row per rank
+  per micro-batch and ``accumulate_grad_batches=2`` into ``<out>/accumulated`` (checkpoints every 3 steps), resumed
+  from its mid-epoch step-3 checkpoint into ``<out>/resumed``.
 - ``fsdp2``: ``AdapterFSDP2Strategy`` with activation checkpointing for 10 steps, sharded adapter-only checkpoints
-  every 5 steps; validates the fitted (still sharded) module; resumes from the step-5 checkpoint into
+  every 3 steps; validates the fitted (still sharded) module; resumes from the mid-epoch step-3 checkpoint into
   ``<out>/resumed``; then tries a copy of that checkpoint that claims another world size. ``report.json`` records
   the checkpoint's files and keys, the validation loss and the error.
 - ``fail``: rank ``--fail_rank`` raises at step 2 (the run must end on every rank). With ``--devices 2`` and no
@@ -54,7 +56,7 @@ class TrainableBytes(L.Callback):
 def fit(
     pretrained: str, rows: str, out: Path, strategy="auto", devices: int = 1, num_nodes: int = 1, max_steps: int = 5,
     ckpt_path: str | None = None, checkpoint_every: int | None = None, callbacks: list | None = None,
-    method: str = "lora",
+    method: str = "lora", accumulate: int = 1,
 ) -> L.Trainer:  # fmt: skip
     """Seed, build the module (LoRA or sparse) and data, fit ``max_steps`` and export into ``out``."""
     L.seed_everything(0, verbose=False)
@@ -67,7 +69,7 @@ def fit(
     else:  # magnitude masks: gradient criteria score per-device batches, whose size differs between the runs
         module = SparseModule(pretrained, density=0.05, criterion="magnitude", **common)
     data = FineTuneDataModule(pretrained, task="instruction", train=rows, max_length=64,
-                              batch_size=GLOBAL_BATCH // (devices * num_nodes))  # fmt: skip
+                              batch_size=GLOBAL_BATCH // (devices * num_nodes * accumulate))  # fmt: skip
     callbacks = list(callbacks or [])
     if checkpoint_every:
         kwargs = dict(every_n_train_steps=checkpoint_every, save_top_k=-1, filename="{step}")
@@ -76,6 +78,7 @@ def fit(
         accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy, max_steps=max_steps,
         logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
         enable_checkpointing=bool(checkpoint_every), callbacks=callbacks, default_root_dir=out, deterministic=True,
+        accumulate_grad_batches=accumulate,
     )  # fmt: skip
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer
@@ -121,10 +124,15 @@ def main(argv: list[str]) -> None:
         report = {"allreduce_bytes": strategy.comm_counter.bytes, "trainable_bytes": counted.bytes}
         strategy = AdapterDDPStrategy(timeout=TIMEOUT_S)
         fit(out=args.out / "sparse", strategy=strategy, method="sparse", **common)
+        fit(out=args.out / "accumulated", strategy=AdapterDDPStrategy(timeout=TIMEOUT_S), accumulate=2,
+            checkpoint_every=3, **common)  # fmt: skip
+        ckpt = args.out / "accumulated" / "ckpt" / "step=3.ckpt"  # 5 steps (10 micro-batches) an epoch: mid-epoch
+        fit(out=args.out / "resumed", strategy=AdapterDDPStrategy(timeout=TIMEOUT_S), accumulate=2,
+            ckpt_path=str(ckpt), **common)  # fmt: skip
     else:
         strategy = AdapterFSDP2Strategy(activation_checkpointing=True, timeout=TIMEOUT_S)
-        trainer = fit(out=args.out, strategy=strategy, max_steps=10, checkpoint_every=5, **common)
-        ckpt = args.out / "ckpt" / "step=5.ckpt"
+        trainer = fit(out=args.out, strategy=strategy, max_steps=10, checkpoint_every=3, **common)
+        ckpt = args.out / "ckpt" / "step=3.ckpt"  # 5 steps an epoch: inside the first epoch
         strategy = AdapterFSDP2Strategy(timeout=TIMEOUT_S)
         report["val_loss"] = validate(trainer.lightning_module, args.pretrained, args.rows, strategy, devices)
         report["checkpoint_files"] = sorted(p.name for p in ckpt.iterdir())

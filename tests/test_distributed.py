@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import instruction_rows, tiny_bert, tiny_llama
+from conftest import tiny_bert, tiny_llama, varied_rows
 from safetensors.torch import load_file
 
 from lightning_ft.lora import inject_lora, merge_lora, merged_state_dict, save_peft_adapter
@@ -99,12 +99,13 @@ def log_text(log: Path) -> str:
 # ---- fixtures --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, tokenizer) -> dict:
-    """The tiny model and tokenizer as a folder, and 20 instruction rows (each with 4 target tokens: every rank's
-    mean loss weighs its tokens as the single-process mean does)."""
+    """The tiny model and tokenizer as a folder, and 20 instruction rows whose answers have 1, 2, 4, 8 or 16 words:
+    ranks and micro-batches hold very unequal target-token counts, so only a loss that is one mean over every target
+    token of the step (all ranks, all micro-batches) matches the single-process run."""
     root = tmp_path_factory.mktemp("assets")
     tiny_llama(len(tokenizer)).save_pretrained(root / "pretrained")
     tokenizer.save_pretrained(root / "pretrained")
-    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in instruction_rows(20)))
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in varied_rows(20, longest=16)))
     return {"pretrained": str(root / "pretrained"), "rows": str(root / "rows.jsonl")}
 
 
@@ -127,6 +128,8 @@ def test_ddp_matches_single_process_and_all_reduces_only_the_adapters(tmp_path, 
     assert finish([start(cmd, tmp_path / "torchrun.log")]) == [0], log_text(tmp_path / "torchrun.log")[-3000:]
     assert_same_exports(single[5], out)
     assert_same_exports(single["sparse"], out / "sparse")
+    assert_same_exports(single[5], out / "accumulated")  # 1 row per rank per micro-batch, accumulate_grad_batches=2
+    assert_same_exports(out / "accumulated", out / "resumed", atol=1e-7)  # resumed from its mid-epoch step 3
     report = json.loads((out / "report.json").read_text())
     assert report["allreduce_bytes"] == 5 * report["trainable_bytes"] > 0  # adapters only, once per step
 
@@ -135,7 +138,7 @@ def test_ddp_matches_single_process_and_all_reduces_only_the_adapters(tmp_path, 
     for line in ("LoRA: 6 layers adapted", "MergeAdapters: wrote the merged model", "lightning-ft data: train"):
         assert line in by_rank[0] and line not in by_rank[1], line
     assert "Loading weights" not in by_rank[1]  # transformers' progress bar
-    assert {p.name for p in out.iterdir()} == {"adapter", "merged", "report.json", "sparse"}
+    assert {p.name for p in out.iterdir()} == {"accumulated", "adapter", "merged", "report.json", "resumed", "sparse"}
 
 
 def test_fsdp2_matches_single_process_and_resumes_from_a_sharded_checkpoint(tmp_path, assets, single):
@@ -149,7 +152,7 @@ def test_fsdp2_matches_single_process_and_resumes_from_a_sharded_checkpoint(tmp_
     assert {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= set(report["checkpoint_files"])
     keys = report["checkpoint_model_keys"]
     assert len(keys) == 12 and all(k.endswith((".lora_A", ".lora_B")) for k in keys)
-    # resumed at step 5 of 10: the same result as the unbroken run
+    # resumed at step 3 of 10 (inside the first epoch of 5 steps): the same result as the unbroken run
     assert_same_exports(out, out / "resumed", atol=1e-7)
     # a checkpoint written by another number of processes is refused on every rank before training
     assert "written by 3 processes but this run has 2" in report["resume_error"]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import instruction_rows, tiny_llama
 
-from lightning_ft.data.collate import IGNORE_INDEX, Collator, pack_examples
+from lightning_ft.data.collate import IGNORE_INDEX, Collator
+from lightning_ft.data.packing import pack_examples
 from lightning_ft.data.instruction import InstructionFormat
 from lightning_ft.modules.objectives import causal_lm_sums
 
@@ -82,3 +83,72 @@ def test_packing_matches_unpacked_logits_smollm2():
     model = load_model("smollm2-135m-instruct").eval()
     examples = InstructionFormat().encode(instruction_rows(4), tok, 256, "train").examples
     packed_vs_alone(model, examples, tok.pad_token_id, max_length=256, atol=1e-4)
+
+
+# ---- architectures: each packs exactly or is refused ------------------------------------------------------------
+def tiny_causal_lm(arch: str, vocab: int):
+    import transformers as T
+
+    torch.manual_seed(0)
+    blocks = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    configs = {
+        "llama": (T.LlamaConfig, T.LlamaForCausalLM, dict(blocks, num_key_value_heads=2)),
+        "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, dict(blocks, num_key_value_heads=2)),
+        "mistral": (T.MistralConfig, T.MistralForCausalLM, dict(blocks, num_key_value_heads=2)),
+        "gemma": (T.GemmaConfig, T.GemmaForCausalLM, dict(blocks, num_key_value_heads=2, head_dim=8)),
+        "gpt2": (T.GPT2Config, T.GPT2LMHeadModel, dict(n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)),
+        "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM, blocks),
+        "phi": (T.PhiConfig, T.PhiForCausalLM, blocks),
+        "opt": (T.OPTConfig, T.OPTForCausalLM, dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, word_embed_proj_dim=32)),
+        "bert": (T.BertConfig, T.BertLMHeadModel, dict(blocks, is_decoder=True)),
+    }  # fmt: skip
+    config_cls, model_cls, kwargs = configs[arch]
+    return model_cls(config_cls(vocab_size=vocab, **kwargs)).eval()
+
+
+PACKS = ["llama", "qwen2", "mistral", "gemma", "gpt2", "gpt_neox", "phi"]
+LEAKS = ["opt", "bert"]  # learned positions / a mask that ignores restarting position_ids
+
+
+@pytest.mark.parametrize("arch", PACKS + LEAKS)
+def test_each_architecture_packs_exactly_or_is_refused(tokenizer, arch):
+    from lightning_ft.data.packing import PackingError, check_packing
+
+    model = tiny_causal_lm(arch, len(tokenizer))
+    examples = InstructionFormat().encode(instruction_rows(8), tokenizer, 256, "train").examples
+    if arch in PACKS:
+        check_packing(model)
+        rows, batch, logits = packed_vs_alone(model, examples, tokenizer.pad_token_id, max_length=256, atol=1e-5)
+        packed_nll, _, _ = causal_lm_sums(logits, batch["labels"])
+        alone_nll = 0.0
+        for e in examples:
+            with torch.no_grad():
+                lg = model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits
+            alone_nll = alone_nll + causal_lm_sums(lg, torch.tensor([e["labels"]]))[0]
+        torch.testing.assert_close(packed_nll, alone_nll, atol=1e-4, rtol=1e-5)
+        return
+    with pytest.raises(PackingError, match=f"{type(model).__name__}.*packing=False"):
+        check_packing(model)
+    with pytest.raises(AssertionError):  # and the refusal is not spurious: packed logits really differ
+        packed_vs_alone(model, examples, tokenizer.pad_token_id, max_length=256, atol=1e-5)
+
+
+def test_fit_with_packing_on_a_leaking_model_stops_before_training(tokenizer, tmp_path):
+    from conftest import quick_trainer
+
+    from lightning_ft import FineTuneDataModule, SFTModule
+    from lightning_ft.data.packing import PackingError
+
+    model = tiny_causal_lm("opt", len(tokenizer))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = FineTuneDataModule(tokenizer, task="instruction", train=instruction_rows(8), packing=True, batch_size=2)
+    with pytest.raises(PackingError, match="OPTForCausalLM"):
+        quick_trainer(tmp_path, max_steps=2).fit(SFTModule(model=model), data)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # no step was taken
+
+    # the same data on a model that keeps examples apart trains, and packing_check=False skips the probe
+    quick_trainer(tmp_path, max_steps=1).fit(SFTModule(model=tiny_llama(len(tokenizer))), data)
+    unchecked = FineTuneDataModule(tokenizer, task="instruction", train=instruction_rows(8), packing=True,
+                                   packing_check=False, batch_size=2)  # fmt: skip
+    quick_trainer(tmp_path, max_steps=1).fit(SFTModule(model=tiny_causal_lm("opt", len(tokenizer))), unchecked)

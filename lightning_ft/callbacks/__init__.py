@@ -6,5 +6,6 @@ from lightning_ft.callbacks.merge import MergeAdapters
 from lightning_ft.callbacks.prediction_writer import PredictionWriter
 from lightning_ft.callbacks.sparse import SparseMask
 from lightning_ft.callbacks.throughput import TokenThroughput
+from lightning_ft.callbacks.token_loss import TokenMeanLoss
 
-__all__ = ["LoRA", "LowRankCompression", "MergeAdapters", "PredictionWriter", "SparseMask", "TokenThroughput"]
+__all__ = ["LoRA", "LowRankCompression", "MergeAdapters", "PredictionWriter", "SparseMask", "TokenMeanLoss", "TokenThroughput"]

@@ -4,7 +4,8 @@ from lightning_ft._lazy import lazy_getattr
 
 _EXPORTS = {
     "Collator": "lightning_ft.data.collate",
-    "pack_examples": "lightning_ft.data.collate",
+    "pack_examples": "lightning_ft.data.packing",
+    "check_packing": "lightning_ft.data.packing",
     "FineTuneDataModule": "lightning_ft.data.datamodule",
     "model_task_for": "lightning_ft.data.datamodule",
 }

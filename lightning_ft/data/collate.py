@@ -1,8 +1,6 @@
-"""Batching: dynamic padding, the choice-scoring layout, and packing several examples into one row."""
+"""Batching: dynamic padding and the choice-scoring layout (packing: ``lightning_ft.data.packing``)."""
 
 from __future__ import annotations
-
-import random
 
 import torch
 
@@ -80,30 +78,3 @@ class Collator:
             "choice_mask": _pad([[1] * len(c) for c in choices], 0, choice_len),
             "choice_target": torch.tensor([e["choice_label"] for e in examples], dtype=torch.long),
         }
-
-
-def pack_examples(examples: list[Example], max_length: int, seed: int) -> list[Example]:
-    """Greedily pack shuffled causal-LM examples into rows of at most ``max_length`` tokens.
-
-    Each packed row holds ``input_ids``, ``labels`` and ``position_ids`` that restart at 0 for every example. The label
-    of each example's first token is set to -100: in an unpacked row that token is never a target, and in a packed
-    row it must not become the target of the previous example's last token. Packed logits equal those of each
-    example run alone.
-    """
-    if "labels" not in examples[0] or "label" in examples[0]:
-        raise ValueError("packing applies to causal-LM data (instruction or text), not to classification")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    rows: list[Example] = []
-    current: Example = {"input_ids": [], "labels": [], "position_ids": []}
-    for i in order:
-        ids, labels = examples[i]["input_ids"], examples[i]["labels"]
-        if current["input_ids"] and len(current["input_ids"]) + len(ids) > max_length:
-            rows.append(current)
-            current = {"input_ids": [], "labels": [], "position_ids": []}
-        current["input_ids"] += ids
-        current["labels"] += [IGNORE_INDEX] + labels[1:]
-        current["position_ids"] += list(range(len(ids)))
-    if current["input_ids"]:
-        rows.append(current)
-    return rows

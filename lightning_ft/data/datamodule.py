@@ -10,10 +10,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lightning_ft.data.classification import ClassificationFormat, infer_labels
-from lightning_ft.data.collate import Collator, pack_examples
+from lightning_ft.data.classification import ClassificationFormat, check_label_names, infer_labels
+from lightning_ft.data.collate import Collator
 from lightning_ft.data.formats import DataFormat, EncodedSplit
 from lightning_ft.data.instruction import InstructionFormat
+from lightning_ft.data.packing import check_packing, pack_examples
+from lightning_ft.data.resumable import ResumableDataLoader
 from lightning_ft.data.samplers import EpochShuffleSampler, LengthGroupedSampler
 from lightning_ft.data.sources import Source, load_rows, split_rows
 from lightning_ft.data.text import TextFormat
@@ -45,7 +47,10 @@ class FineTuneDataModule(L.LightningDataModule):
         val_fraction, test_fraction: when ``val`` / ``test`` are not given, cut them from ``train`` with ``seed``.
         labels: the ordered label set for classification; inferred from the train split when omitted.
         max_length: longest sequence in tokens; longer examples are truncated and counted.
-        packing: pack several causal-LM training examples per row (no attention across them).
+        packing: pack several causal-LM training examples per row (no attention across them). Before the first
+            training batch the model in training is probed once (``lightning_ft.data.packing.check_packing``): an
+            architecture that lets packed examples attend to each other is refused with an error.
+        packing_check: ``False`` skips that probe (for a model the probe cannot run, at your own risk).
         group_by_length: batch training examples of similar length together (and evaluate longest first).
         pad_to_multiple_of: pad each batch's length up to a multiple of this (8 suits tensor cores).
         max_train_examples / max_eval_examples: keep only the first N rows of each split (after splitting).
@@ -67,6 +72,7 @@ class FineTuneDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         packing: bool = False,
+        packing_check: bool = True,
         group_by_length: bool = False,
         pad_to_multiple_of: int | None = None,
         seed: int = 0,
@@ -87,6 +93,14 @@ class FineTuneDataModule(L.LightningDataModule):
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         if packing and task == "classification":
             raise ValueError("packing applies to causal-LM tasks ('instruction', 'text'), not 'classification'")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+        for name, value in (("max_train_examples", max_train_examples), ("max_eval_examples", max_eval_examples)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or None for all rows), got {value!r}")
+        if labels is not None and task == "classification":
+            check_label_names(labels)  # refuses a string, an empty list and duplicate names
         # "task" is saved as "data_task": Lightning merges module and data hparams for loggers and refuses a key
         # with two values, and the module's task ("causal_lm") differs from the data task ("instruction")
         self.save_hyperparameters(ignore=["tokenizer", "train", "val", "test", "predict", "task"])
@@ -100,6 +114,8 @@ class FineTuneDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.packing = packing
+        self.packing_check = packing_check
+        self._packing_checked: int | None = None  # id() of the model last probed
         self.group_by_length = group_by_length
         self.pad_to_multiple_of = pad_to_multiple_of
         self.seed = seed
@@ -132,7 +148,10 @@ class FineTuneDataModule(L.LightningDataModule):
         if self.labels is None:
             if "train" not in rows:
                 raise ValueError("classification without a train split needs `labels` (the ordered label set)")
-            self.labels = infer_labels(rows["train"], c["label_column"])
+            self.labels = infer_labels(rows["train"], c["label_column"], "train")
+            # the inferred set replaces `labels=None` in the hparams too: Lightning refuses module and data hparams
+            # that share a key with two values, and the module gets the same labels
+            self.save_hyperparameters({"labels": self.labels})
             rank_zero_info(f"lightning-ft: inferred labels {self.labels} from the train split")
         return ClassificationFormat(self.labels, c["text_column"], c["text_pair_column"], c["label_column"])
 
@@ -222,8 +241,7 @@ class FineTuneDataModule(L.LightningDataModule):
         elif self.group_by_length and name in ("val", "test"):
             # metrics do not depend on the order, so evaluate longest first with little padding
             sampler = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
-        return DataLoader(
-            examples,
+        kwargs: dict[str, Any] = dict(
             batch_size=batch_size,
             shuffle=shuffle,
             sampler=sampler,
@@ -231,9 +249,38 @@ class FineTuneDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+        if name == "train":  # resumes mid-epoch with the batches an unbroken run sees
+            return ResumableDataLoader(examples, consumed_batches=self._consumed_train_batches, **kwargs)
+        return DataLoader(examples, **kwargs)
+
+    def _consumed_train_batches(self) -> int:
+        """Batches of the current epoch the Trainer has trained on (0 without a Trainer)."""
+        trainer = getattr(self, "trainer", None)
+        return trainer.fit_loop.epoch_loop.batch_idx + 1 if trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
+        if self.packing and self.packing_check:
+            self.check_packing_on_model()
         return self._loader("train", shuffle=True)
+
+    def check_packing_on_model(self) -> None:
+        """Probe the Trainer's model (once per model): refuse packing when packed examples would attend to each other."""
+        from lightning_ft.strategies.sharding import hf_models
+
+        trainer = getattr(self, "trainer", None)
+        module = trainer.lightning_module if trainer is not None else None
+        if module is None:  # not attached to a Trainer (a loader asked for by hand): checked at fit
+            return
+        models = hf_models(module)
+        if not models:
+            raise ValueError(
+                f"packing=True: found no Hugging Face model in {type(module).__name__} to check that packed examples "
+                "stay apart. Use packing=False, or packing_check=False if you know your model supports restarting "
+                "position_ids."
+            )
+        if self._packing_checked != id(models[0]):
+            check_packing(models[0])
+            self._packing_checked = id(models[0])
 
     def val_dataloader(self) -> DataLoader | list:
         if "val" not in self.splits:

@@ -21,7 +21,8 @@ def classification_heads(model: nn.Module) -> list[str]:
 
 
 class AdapterModule(FineTuneModule):
-    """Subclasses implement ``method_callback()`` and take ``modules_to_save``, ``merged_dir`` and ``adapter_dir``.
+    """Subclasses implement ``method_callback()`` and take ``modules_to_save``, ``merged_dir``, ``adapter_dir``,
+    ``overwrite`` and ``allow_config_change``.
 
     ``modules_to_save=None`` trains the classification head in full for ``task="classification"`` (its name is known
     only once the model exists, so ``configure_model`` hands it to the callback, which acts right after that hook).
@@ -35,9 +36,12 @@ class AdapterModule(FineTuneModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         self._method = self.method_callback()
-        callbacks: list[L.Callback] = [self._method]
+        callbacks = [*super().configure_callbacks(), self._method]
         if self.hparams.merged_dir or self.hparams.adapter_dir:
-            callbacks.append(MergeAdapters(merged_dir=self.hparams.merged_dir, adapter_dir=self.hparams.adapter_dir))
+            hp = self.hparams
+            callbacks.append(
+                MergeAdapters(merged_dir=hp.merged_dir, adapter_dir=hp.adapter_dir, overwrite=hp.get("overwrite", False))
+            )
         return callbacks
 
     def configure_model(self) -> None:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_ft import metrics as M
+from lightning_ft.callbacks.token_loss import TokenMeanLoss
 from lightning_ft.io import write_text_atomic
 from lightning_ft.modules.objectives import next_token_targets, target_mask, token_sums
 from lightning_ft.scoring import score_choices as choice_logprobs
@@ -155,13 +156,17 @@ class FineTuneModule(L.LightningModule):
 
     # ---- steps -----------------------------------------------------------------------------------------------
     def step(self, batch: dict[str, Tensor], stage: str) -> Tensor | None:
+        """Update ``stage``'s metrics; return the *summed* loss over the batch's loss terms (target tokens for causal
+        LMs, rows for classification). ``TokenMeanLoss`` turns the sums into one mean over every term of an optimizer
+        step (all micro-batches, all ranks)."""
         if self.task == "classification":
             logits = self(batch)
-            loss = F.cross_entropy(logits.float(), batch["labels"])
-            self.metrics[f"{stage}_"].update(logits.detach(), batch["labels"])
-            self.losses[f"{stage}_"].update(loss.detach(), weight=batch["labels"].numel())
+            labels = batch["labels"]
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            self.metrics[f"{stage}_"].update(logits.detach(), labels)
+            self.losses[f"{stage}_"].update(loss.detach() / max(labels.numel(), 1), weight=labels.numel())
             if stage == "test":
-                self.confusion.update(logits.detach().argmax(-1), batch["labels"])
+                self.confusion.update(logits.detach().argmax(-1), labels)
         else:
             scored = stage != "train" and "choice_ids" in batch
             if scored:
@@ -169,16 +174,15 @@ class FineTuneModule(L.LightningModule):
                 if not self.hparams.eval_lm_loss:
                     return None
             logits = self.target_logits(batch, batch["labels"])
-            nll_sum, num_tokens, num_correct = token_sums(logits, next_token_targets(batch["labels"]))
-            loss = nll_sum / num_tokens.clamp(min=1)
-            self.metrics[f"{stage}_"].update(nll_sum.detach(), num_tokens, num_correct)
+            loss, num_tokens, num_correct = token_sums(logits, next_token_targets(batch["labels"]))
+            self.metrics[f"{stage}_"].update(loss.detach(), num_tokens, num_correct)
         check_finite(loss, self.global_step, stage)
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self.step(batch, "train")
-        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch["input_ids"]))
-        return loss
+        """The summed loss of the micro-batch; ``TokenMeanLoss`` (from ``configure_callbacks``) rescales the
+        gradients to the step's token-level mean and logs ``train/loss``."""
+        return self.step(batch, "train")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.step(batch, "val")
@@ -260,6 +264,29 @@ class FineTuneModule(L.LightningModule):
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         )  # fmt: skip
         return tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    def setup(self, stage: str) -> None:
+        from lightning_ft.strategies.checkpoint_io import check_checkpoints
+
+        check_checkpoints(self.trainer)  # a damaged ckpt_path: its path and a remedy, not torch's EOFError
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> FineTuneModule:
+        from lightning_ft.file_checks import check_checkpoint
+
+        check_checkpoint(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # before Lightning loads the state dict: a checkpoint that needs a method callback this run lacks names it
+        from lightning_ft.resume_checks import check_before_load
+
+        check_before_load(self, checkpoint)
+
+    # ---- callbacks -------------------------------------------------------------------------------------------
+    def configure_callbacks(self) -> list[L.Callback]:
+        """``TokenMeanLoss``: ``training_step`` returns summed losses (see ``step``)."""
+        return [TokenMeanLoss()]
 
     # ---- optimisation ----------------------------------------------------------------------------------------
     def optimizer_param_groups(self) -> list[dict[str, Any]]:

@@ -38,3 +38,22 @@ def token_sums(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]
 def causal_lm_sums(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``token_sums`` from full (B, T, V) logits and (B, T) labels (-100 where no loss is taken)."""
     return token_sums(logits[target_mask(labels)], next_token_targets(labels))
+
+
+def count_targets(labels: Tensor) -> Tensor:
+    """The number of loss terms of a batch, as a 0-dim long tensor on ``labels``' device.
+
+    (B, T) causal-LM labels: the next-token targets (``labels[:, 1:] != -100``), exactly the terms ``token_sums``
+    adds up; (B,) class labels: the rows whose label is not -100.
+    """
+    if labels.ndim == 1:
+        return (labels != IGNORE_INDEX).sum()
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+@torch.no_grad()
+def scale_gradients(params, factor: float | Tensor) -> None:
+    """Multiply every existing ``.grad`` of ``params`` by ``factor`` in place (DTensor gradients included)."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)

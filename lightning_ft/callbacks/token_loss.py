@@ -1,0 +1,106 @@
+"""``TokenMeanLoss``: the loss of an optimizer step is one mean over every loss term of the step.
+
+The loss of one optimizer step is the sum of the per-token NLLs (per-row losses for classification) over every
+micro-batch of the accumulation window on every rank, divided by that global count. Averaging per-micro-batch means
+(what Lightning's accumulation and DDP's gradient averaging do to a mean loss) weighs a micro-batch of 3 target tokens
+as much as one of 3,000: with unequal answer lengths the gradient is not the large-batch gradient. This is the bug
+transformers 4.46 fixed with ``num_items_in_batch``.
+
+How. The module's ``training_step`` returns the *sum* of its loss terms (``reduction="sum"``). Lightning divides it
+by ``accumulate_grad_batches`` (A) and DDP / FSDP average the gradients over the W ranks, so after the last backward
+of a window each gradient is ``sum(grad of term) / (A * W)``. This callback counts the terms of every micro-batch in
+``on_train_batch_start`` (``count_targets(batch["labels"])``), all-reduces the window's count N in
+``on_before_optimizer_step`` and multiplies the gradients by ``A * W / N``: they become ``sum(grad of term) / N``,
+exactly the gradient of one batch holding the whole window. ``on_before_optimizer_step`` runs after AMP unscaling and
+before gradient clipping, so clipping sees the exact gradient. ``train/loss`` is logged at the end of the window as
+the all-reduced NLL sum over N.
+
+A user's own LightningModule gets the same by returning the summed loss from ``training_step`` (for example
+``lightning_ft.modules.objectives.token_sums``'s ``nll_sum``, or ``F.cross_entropy(..., reduction="sum")``) with
+``labels`` in the batch (or a ``count_fn``), and adding ``TokenMeanLoss()`` to the Trainer's callbacks. A module that
+returns a *mean* must not use it (the gradients would be divided twice).
+
+Assumes gradients are averaged over all ``trainer.world_size`` ranks (DDP, FSDP / FSDP2 data parallelism), and
+automatic optimization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lightning_ft.modules.objectives import count_targets, scale_gradients
+
+
+def count_batch_targets(batch: Any) -> Tensor:
+    """Loss terms of a batch: ``count_targets(batch["labels"])``."""
+    if not isinstance(batch, Mapping) or "labels" not in batch:
+        raise ValueError(
+            "TokenMeanLoss counts the loss terms from batch['labels'] (causal-LM labels with -100 where no loss is "
+            "taken, or class ids); this batch has none. Pass TokenMeanLoss(count_fn=...) to count them another way."
+        )
+    return count_targets(batch["labels"])
+
+
+class TokenMeanLoss(L.Callback):
+    """Make each optimizer step's gradient the gradient of the mean over all its loss terms (see the module docstring).
+
+    Args:
+        count_fn: ``batch -> 0-dim tensor``, the number of loss terms of a micro-batch; default
+            ``count_batch_targets``.
+        log_name: name of the logged step loss (``None``: log nothing).
+
+    ``last_step_terms`` holds the global count of the last optimizer step and ``last_step_loss`` its loss.
+    """
+
+    def __init__(self, count_fn: Callable[[Any], Tensor] | None = None, log_name: str | None = "train/loss") -> None:
+        self.count_fn = count_fn or count_batch_targets
+        self.log_name = log_name
+        self.last_step_terms: int | None = None
+        self.last_step_loss: float | None = None
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._terms: Tensor | int = 0
+        self._loss_sum: Tensor | float = 0.0
+        self._stepped = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and not pl_module.automatic_optimization:
+            raise RuntimeError(
+                "TokenMeanLoss works with automatic optimization only; with manual optimization divide the summed "
+                "loss by the global token count yourself (all-reduce it with trainer.strategy.reduce)."
+            )
+        self._reset_window()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._terms = self._terms + self.count_fn(batch)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        terms = torch.as_tensor(self._terms, device=pl_module.device, dtype=torch.long)
+        total = int(trainer.strategy.reduce(terms, reduce_op="sum").item())
+        factor = trainer.accumulate_grad_batches * trainer.world_size / max(total, 1)
+        scale_gradients((p for group in optimizer.param_groups for p in group["params"]), factor)
+        self.last_step_terms = total
+        self._terms = 0
+        self._stepped = True
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, Tensor):  # Lightning's copy of the returned loss, divided by accumulate_grad_batches
+            self._loss_sum = self._loss_sum + loss.detach().float() * trainer.accumulate_grad_batches
+        if not self._stepped:
+            return
+        loss_sum = torch.as_tensor(self._loss_sum, device=pl_module.device, dtype=torch.float32)
+        loss_sum = trainer.strategy.reduce(loss_sum, reduce_op="sum")
+        self.last_step_loss = float(loss_sum) / max(self.last_step_terms or 0, 1)
+        if self.log_name:
+            pl_module.log(self.log_name, self.last_step_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        self._loss_sum = 0.0
+        self._stepped = False

@@ -37,10 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, RESULT_PREFIX, machine, peak_rss_mb, write_results
+from harness import BATCH_SHAPES, ROOT, RESULT_PREFIX, machine, mr_datamodule, peak_rss_mb, write_results
 
-MODEL = "smollm2-135m-instruct"
-TRAIN = ROOT / "data" / "mr" / "instruction" / "train.jsonl"
+MODEL = BATCH_SHAPES["smollm2"]["model"]
 MB = 2**20
 NPROC = 2
 CONFIGS = [
@@ -50,8 +49,9 @@ CONFIGS = [
     {"name": "FSDP2 full FT", "strategy": "fsdp2", "method": "full"},
 ]
 LORA = {"r": 8, "alpha": 16, "target_modules": "all-linear"}
-# CPU batches: per rank, as in the single-process benchmarks' 4 x 256 split over 2 ranks
-CPU_BATCH, CPU_MAX_LENGTH, CPU_ROWS = 2, 256, 600
+# CPU batches: per rank, the single-process benchmarks' 4 x 256 (harness.BATCH_SHAPES) split over the ranks
+CPU_BATCH = BATCH_SHAPES["smollm2"]["batch_size"] // NPROC
+CPU_MAX_LENGTH, CPU_ROWS = BATCH_SHAPES["smollm2"]["max_length"], BATCH_SHAPES["smollm2"]["max_train_examples"]
 TINY_BATCH, TINY_MAX_LENGTH = 2, 256  # MR prompts with the chat template run past 64 tokens
 # GPU: the ~1B Llama is Llama-3.2-1B's shape (16 x 2048, GQA 32/8 heads, MLP 8192, tied embeddings)
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
@@ -208,14 +208,14 @@ def rank_worker(cfg: dict, args: argparse.Namespace) -> None:
     import lightning as L
     import torch
 
-    from lightning_ft import FineTuneDataModule, LoRAModule, SFTModule
+    from lightning_ft import LoRAModule, SFTModule
     from lightning_ft.strategies import AdapterDDPStrategy, AdapterFSDP2Strategy
 
     L.seed_everything(0, verbose=False)
     devices = int(os.environ["LOCAL_WORLD_SIZE"])
     model = cfg["model"]
-    data = FineTuneDataModule(model, task="instruction", train=str(TRAIN), max_length=cfg["max_length"],
-                              batch_size=cfg["batch_size"], packing=True, max_train_examples=CPU_ROWS)  # fmt: skip
+    data = mr_datamodule(model, "instruction", max_length=cfg["max_length"], batch_size=cfg["batch_size"],
+                         packing=True, max_train_examples=CPU_ROWS)  # fmt: skip
     if cfg["method"] == "lora":
         module = LoRAModule(model, **LORA)
     else:
@@ -464,7 +464,7 @@ def gpu_worker(cfg: dict, args: argparse.Namespace) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lightning_ft import FineTuneDataModule, LoRAModule
+    from lightning_ft import LoRAModule
     from lightning_ft.callbacks.throughput import count_tokens
     from lightning_ft.models import load_model, load_tokenizer
     from lightning_ft.strategies import AdapterFSDP2Strategy
@@ -483,9 +483,8 @@ def gpu_worker(cfg: dict, args: argparse.Namespace) -> dict:
         with torch.device("cuda" if cuda else "cpu"):
             model = LlamaForCausalLM(config)
     base_params = sum(p.numel() for p in model.parameters())
-    data = FineTuneDataModule(tokenizer, task="instruction", train=str(TRAIN), max_length=args.max_length,
-                              batch_size=args.batch, packing=True,
-                              max_train_examples=400 if dry else None)  # fmt: skip
+    data = mr_datamodule(tokenizer, "instruction", max_length=args.max_length, batch_size=args.batch, packing=True,
+                         max_train_examples=400 if dry else None)  # fmt: skip
     module = LoRAModule(model=model, **LORA)
     strategy = AdapterFSDP2Strategy(param_dtype="bfloat16", reduce_dtype="float32", timeout=300)
     times: list[float] = []

@@ -12,43 +12,41 @@ import argparse
 import sys
 import time
 
-from harness import ROOT, machine, median_of, peak_rss_mb, run_interleaved, worker_main, write_results
+from harness import (
+    BATCH_SHAPES,
+    ROOT,
+    machine,
+    median_of,
+    mr_batches,
+    peak_rss_mb,
+    run_interleaved,
+    worker_main,
+    write_results,
+)
 
-CONFIGS = [
-    # SmolLM2 batches: 4 rows of 256 tokens, packed from MR instructions (the batch shape in DESIGN.md)
-    {"name": "smollm2-135m fp32", "model": "smollm2-135m-instruct", "task": "instruction", "batch_size": 4,
-     "max_length": 256, "packing": True, "precision": "32"},
-    # MiniLM batches as in the main job: 32 sentences, dynamic padding, max 64 tokens
-    {"name": "minilm-l6 fp32", "model": "all-minilm-l6-v2", "task": "classification", "batch_size": 32,
-     "max_length": 64, "packing": False, "precision": "32"},
-]  # fmt: skip
+CONFIGS = [  # the batch shapes of harness.BATCH_SHAPES
+    {"name": "smollm2-135m fp32", **BATCH_SHAPES["smollm2"], "precision": "32"},
+    {"name": "minilm-l6 fp32", **BATCH_SHAPES["minilm"], "precision": "32"},
+]
 # bf16 autocast: only with --bf16. On CPUs without native bf16 (AVX2 only, as on the 2-core dev machines) a bf16
 # matmul runs at about 1 GFLOPS against 60 in float32, so a step takes minutes.
-BF16_CONFIG = {"name": "smollm2-135m bf16-autocast", "model": "smollm2-135m-instruct", "task": "instruction",
-               "batch_size": 4, "max_length": 256, "packing": True, "precision": "bf16"}  # fmt: skip
+BF16_CONFIG = {"name": "smollm2-135m bf16-autocast", **BATCH_SHAPES["smollm2"], "precision": "bf16"}
 
 
 def run_worker(cfg: dict, args: argparse.Namespace) -> dict:
     """Time ``args.steps`` optimizer steps after ``args.warmup`` untimed ones."""
     import torch
 
-    from lightning_ft import FineTuneDataModule, SFTModule
+    from lightning_ft import SFTModule
     from lightning_ft.callbacks.throughput import count_tokens
     from lightning_ft.modules.optim import decay_groups
 
     torch.manual_seed(0)
-    mr = ROOT / "data" / "mr" / ("classification" if cfg["task"] == "classification" else "instruction")
-    labels = ["negative", "positive"] if cfg["task"] == "classification" else None
-    dm = FineTuneDataModule(
-        cfg["model"], task=cfg["task"], train=str(mr / "train.jsonl"), labels=labels, max_length=cfg["max_length"],
-        batch_size=cfg["batch_size"], packing=cfg["packing"], max_train_examples=4000,
-    )  # fmt: skip
-    dm.setup("fit")
-    module = SFTModule(cfg["model"], task="classification" if labels else "causal_lm", labels=labels)
+    batches = iter(mr_batches(cfg, args.warmup + args.steps))
+    module = SFTModule(cfg["model"], task=cfg["module_task"], labels=cfg["labels"])
     module.configure_model()
     optimizer = torch.optim.AdamW(decay_groups(module.named_parameters(), 0.0), lr=1e-5)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16")
-    batches = iter(dm.train_dataloader())
     times, tokens = [], []
     for i in range(args.warmup + args.steps):
         batch = next(batches)

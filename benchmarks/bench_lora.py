@@ -19,9 +19,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, machine, median_of, peak_rss_mb, run_interleaved, worker_main, write_results
+from harness import (
+    BATCH_SHAPES,
+    ROOT,
+    machine,
+    median_of,
+    mr_batches,
+    peak_rss_mb,
+    run_interleaved,
+    worker_main,
+    write_results,
+)
 
-MODEL = "smollm2-135m-instruct"
+MODEL = BATCH_SHAPES["smollm2"]["model"]
 QV = ["q_proj", "v_proj"]
 CONFIGS = [
     {"name": "lightning-ft r=8 q,v", "kind": "ours", "r": 8, "targets": QV},
@@ -31,16 +41,6 @@ CONFIGS = [
     {"name": "full fine-tuning", "kind": "full"},
     {"name": "floor (frozen base)", "kind": "floor"},
 ]
-
-
-def real_batches(n: int) -> list[dict]:
-    from lightning_ft import FineTuneDataModule
-
-    dm = FineTuneDataModule(MODEL, task="instruction", train=str(ROOT / "data/mr/instruction/train.jsonl"),
-                            max_length=256, batch_size=4, packing=True, max_train_examples=600)  # fmt: skip
-    dm.setup("fit")
-    it = iter(dm.train_dataloader())
-    return [next(it) for _ in range(n)]
 
 
 def build(cfg: dict):
@@ -89,7 +89,7 @@ def checkpoint_bytes(model) -> int:
 def train_worker(cfg: dict, args: argparse.Namespace) -> dict:
     import torch
 
-    batches = real_batches(args.warmup + args.steps)
+    batches = mr_batches(BATCH_SHAPES["smollm2"], args.warmup + args.steps)
     model = build(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
@@ -113,7 +113,7 @@ def inference_worker(cfg: dict, args: argparse.Namespace) -> dict:
 
     from lightning_ft.lora import inject_lora, lora_layers, merge_lora
 
-    batch = real_batches(1)[0]
+    batch = mr_batches(BATCH_SHAPES["smollm2"], 1)[0]
     base = build({"kind": "full"}).eval()
     unmerged = inject_lora(copy.deepcopy(base), r=16, alpha=32).eval()
     for layer in lora_layers(unmerged).values():

@@ -30,17 +30,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import ROOT, machine, median_of, peak_rss_mb, run_interleaved, worker_main, write_results
+from harness import (
+    BATCH_SHAPES,
+    ROOT,
+    machine,
+    median_of,
+    mr_batches,
+    mr_datamodule,
+    peak_rss_mb,
+    run_interleaved,
+    worker_main,
+    write_results,
+)
 
-LABELS = ["negative", "positive"]
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
-MODELS = {
-    # the batch shapes of bench_full_ft.py / DESIGN.md: MiniLM 32 sentences <= 64 tokens, SmolLM2 4 packed rows x 256
-    "minilm": {"model": "all-minilm-l6-v2", "title": "MiniLM-L6", "data": "classification", "module_task": "classification",
-               "labels": LABELS, "batch_size": 32, "max_length": 64, "packing": False},
-    "smollm2": {"model": "smollm2-135m-instruct", "title": "SmolLM2-135M", "data": "instruction", "module_task": "causal_lm",
-                "labels": None, "batch_size": 4, "max_length": 256, "packing": True},
-}  # fmt: skip
+MODELS = {  # the batch shapes of harness.BATCH_SHAPES (those of bench_full_ft.py and bench_lora.py)
+    "minilm": {**BATCH_SHAPES["minilm"], "title": "MiniLM-L6"},
+    "smollm2": {**BATCH_SHAPES["smollm2"], "title": "SmolLM2-135M"},
+}
 METHOD_TITLES = {
     "lora": "LoRA r={r} all-linear", "sparse": "sparse delta {criterion} (r={r} equiv.)", "full": "full fine-tuning",
 }  # fmt: skip
@@ -52,18 +58,6 @@ def method_name(method: str, rank: int, criterion: str | None = None) -> str:
 
 
 # ---- part 1: step time and memory ------------------------------------------------------------------------------
-def real_batches(spec: dict, n: int) -> list[dict]:
-    """The first ``n`` training batches of MR in the model's batch shape (seeded shuffle: the same for every config)."""
-    from lightning_ft import FineTuneDataModule
-
-    split = ROOT / "data" / "mr" / spec["data"] / "train.jsonl"
-    dm = FineTuneDataModule(spec["model"], task=spec["data"], train=str(split), labels=spec["labels"],
-                            max_length=spec["max_length"], batch_size=spec["batch_size"], packing=spec["packing"],
-                            max_train_examples=600 if spec["packing"] else 4000)  # fmt: skip
-    dm.setup("fit")
-    return list(itertools.islice(dm.train_dataloader(), n))
-
-
 def build(spec: dict, method: str, rank: int):
     """The Hugging Face model of one configuration, with adapters / sparse deltas injected and the base frozen."""
     import torch
@@ -100,7 +94,7 @@ def timing_worker(cfg: dict) -> dict:
     from lightning_ft.sparse import sparse_layers
 
     spec = MODELS[cfg["model"]]
-    batches = real_batches(spec, cfg["warmup"] + cfg["steps"])
+    batches = mr_batches(spec, cfg["warmup"] + cfg["steps"])
     model = build(spec, cfg["method"], cfg["rank"])
     # FineTuneModule.step: the loss exactly as in Trainer.fit (logits at target positions only for causal LMs)
     module = FineTuneModule(model=model, task=spec["module_task"], labels=spec["labels"])
@@ -127,14 +121,11 @@ def timing_worker(cfg: dict) -> dict:
 
 # ---- parts 2 and 3: training runs through the library's modules -----------------------------------------------
 def datamodule(spec: dict, batch_size: int, seed: int, max_test_examples: int | None):
-    from lightning_ft import FineTuneDataModule
-
-    mr = ROOT / "data" / "mr" / spec["data"]
     extra = {"system_prompt": ""} if spec["data"] == "instruction" else {}  # as recipes/smollm2_mr_lora.yaml
-    return FineTuneDataModule(
-        spec["model"], task=spec["data"], train=str(mr / "train.jsonl"), test=str(mr / "test.jsonl"),
-        labels=spec["labels"], max_length=spec["max_length"], batch_size=batch_size, eval_batch_size=64,
-        group_by_length=True, seed=seed, max_eval_examples=max_test_examples, **extra,
+    return mr_datamodule(
+        spec["model"], spec["data"], test=True, labels=spec["labels"], max_length=spec["max_length"],
+        batch_size=batch_size, eval_batch_size=64, group_by_length=True, seed=seed,
+        max_eval_examples=max_test_examples, **extra,
     )  # fmt: skip
 
 
@@ -240,13 +231,14 @@ def compress_worker(cfg: dict) -> dict:
     import lightning as L
 
     from lightning_ft.compress import compress_low_rank, parameter_counts
+    from lightning_ft.modeling import MODEL_INPUTS
     from lightning_ft.models import load_model
 
     spec = MODELS["minilm"]
     L.seed_everything(0, verbose=False)
     dm = datamodule(spec, spec["batch_size"], 0, cfg["max_test_examples"])
     dm.setup("fit")
-    model = load_model(cfg["base_dir"], task="classification", labels=LABELS)
+    model = load_model(cfg["base_dir"], task="classification", labels=spec["labels"])
     counts_before = parameter_counts(model).to_dict()
     before = evaluate(spec, model, dm)
     calibration = None

@@ -18,6 +18,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "RESULT "
+MR = ROOT / "data" / "mr"  # written by ``lightning-ft prepare-mr``: <format>/{train,test}.jsonl
+LABELS = ["negative", "positive"]
+# The batch shapes every benchmark measures, those of the MR main job: SmolLM2 on instructions packed into 4 rows of
+# 256 tokens, MiniLM on 32 sentences padded per batch to at most 64 tokens. ``max_train_examples``: enough rows for
+# the few batches a timing run takes (read and tokenized at start-up, so not more).
+BATCH_SHAPES = {
+    "smollm2": {"model": "smollm2-135m-instruct", "data": "instruction", "module_task": "causal_lm", "labels": None,
+                "batch_size": 4, "max_length": 256, "packing": True, "max_train_examples": 600},
+    "minilm": {"model": "all-minilm-l6-v2", "data": "classification", "module_task": "classification",
+               "labels": LABELS, "batch_size": 32, "max_length": 64, "packing": False, "max_train_examples": 4000},
+}  # fmt: skip
 
 
 def worker_main(run: Callable[[dict, argparse.Namespace], dict], args: argparse.Namespace) -> None:
@@ -65,6 +76,29 @@ def write_results(out_dir: str | os.PathLike, stem: str, payload: dict, markdown
     out = Path(out_dir)
     write_json_atomic(out / f"{stem}.json", payload)
     write_text_atomic(out / f"{stem}.md", "\n".join(markdown) + "\n")
+
+
+def mr_datamodule(model_or_tokenizer, data: str, *, test: bool = False, **kwargs):
+    """A ``FineTuneDataModule`` over the MR ``data`` format (``instruction`` / ``classification``) train split, and the
+    test split with ``test=True``; ``kwargs`` go to ``FineTuneDataModule``."""
+    from lightning_ft import FineTuneDataModule
+
+    splits = {"train": str(MR / data / "train.jsonl")}
+    if test:
+        splits["test"] = str(MR / data / "test.jsonl")
+    return FineTuneDataModule(model_or_tokenizer, task=data, **splits, **kwargs)
+
+
+def mr_batches(shape: dict, n: int) -> list[dict]:
+    """The first ``n`` MR training batches in ``shape`` (a ``BATCH_SHAPES`` entry; seeded shuffle: the same batches
+    for every configuration and repeat)."""
+    import itertools
+
+    dm = mr_datamodule(shape["model"], shape["data"], labels=shape["labels"], max_length=shape["max_length"],
+                       batch_size=shape["batch_size"], packing=shape["packing"],
+                       max_train_examples=shape["max_train_examples"])  # fmt: skip
+    dm.setup("fit")
+    return list(itertools.islice(dm.train_dataloader(), n))
 
 
 def peak_rss_mb() -> float:

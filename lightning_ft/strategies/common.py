@@ -13,11 +13,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from torch.distributed.constants import default_pg_timeout
 
+from lightning_ft._compat import BeforeLaunchHook, is_distributed_sampler_wrapper, kill_launched_processes
 from lightning_ft.file_checks import check_checkpoint
 
 WORLD_SIZE_KEY = "lightning_ft_world_size"  # checkpoint key: the number of processes that wrote it
@@ -78,7 +77,7 @@ def quiet_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
-class AdapterStrategyMixin:
+class AdapterStrategyMixin(BeforeLaunchHook):
     """Mixin for a Lightning ``ParallelStrategy``: ``check_launch`` at ``Trainer`` construction, the world size
     recorded in every checkpoint and checked on resume, progress bars on global rank 0 only, every rank stopped
     when the launching process fails, and a custom sampler's order kept (each rank takes every n-th position)."""
@@ -88,11 +87,9 @@ class AdapterStrategyMixin:
         if self.global_rank != 0:  # Lightning's own progress bar already stays on rank 0
             quiet_progress_bars()
 
-    def _configure_launcher(self) -> None:
-        # the first strategy hook with the accelerator, devices and cluster environment known, still inside
-        # Trainer(...): nothing has been launched yet
+    def before_launch(self) -> None:
+        # the accelerator, devices and cluster environment are known, still inside Trainer(...): nothing launched yet
         check_launch(self)
-        super()._configure_launcher()
 
     def process_dataloader(self, dataloader: Any) -> Any:
         # Lightning wraps a custom sampler in a DistributedSamplerWrapper that, for training, shuffles the sampler's
@@ -100,7 +97,7 @@ class AdapterStrategyMixin:
         # grouping, and each step's batches across ranks would no longer be the single-process batch. Without it,
         # rank r of n takes positions r, r + n, ... of the sampler's order.
         sampler = getattr(dataloader, "sampler", None)
-        if isinstance(sampler, DistributedSamplerWrapper):
+        if is_distributed_sampler_wrapper(sampler):
             sampler.shuffle = False
         return super().process_dataloader(dataloader)
 
@@ -108,8 +105,7 @@ class AdapterStrategyMixin:
         super().on_exception(exception)
         # Lightning's launcher stops every rank when one of the processes it started fails, but not when the
         # launching process (rank 0) fails: the others would wait in their next collective until the timeout
-        if isinstance(self.launcher, _SubprocessScriptLauncher) and self.launcher.procs:
-            self.launcher.kill(signal.SIGTERM)
+        kill_launched_processes(self.launcher, signal.SIGTERM)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         checkpoint[WORLD_SIZE_KEY] = self.world_size

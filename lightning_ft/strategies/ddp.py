@@ -44,21 +44,20 @@ class AdapterDDPStrategy(AdapterStrategyMixin, DDPStrategy):
         self.comm_counter = AllReduceCounter() if measure_communication else None
         if self.comm_counter is not None:
             ddp_kwargs.update(ddp_comm_state=self.comm_counter, ddp_comm_hook=count_allreduce_hook)
+        # kept here too: Lightning registers them on CUDA only, configure_ddp registers them on CPU
+        self.comm_hook = ddp_kwargs.get("ddp_comm_hook")
+        self.comm_state = ddp_kwargs.get("ddp_comm_state")
         super().__init__(
             process_group_backend=process_group_backend, timeout=as_timeout(timeout),
             start_method=start_method, find_unused_parameters=find_unused_parameters, **ddp_kwargs,
         )  # fmt: skip
 
     def configure_ddp(self) -> None:
-        super().configure_ddp()
+        super().configure_ddp()  # wraps the model; registers the communication hook on CUDA
+        if self.root_device.type != "cuda" and self.comm_hook is not None:
+            # gloo runs Python communication hooks as well (Lightning's comment about NCCL dates from torch 1.8)
+            self.model.register_comm_hook(self.comm_state, self.comm_hook)
         module = self.lightning_module
         mb = trainable_bytes(module) / 2**20
         total = sum(p.numel() * p.element_size() for p in module.parameters()) / 2**20
         rank_zero_info(f"AdapterDDPStrategy: all-reducing {mb:.2f} MB of gradients per step (weights: {total:.2f} MB)")
-
-    def _register_ddp_hooks(self) -> None:
-        if self.root_device.type == "cuda" or self._ddp_comm_hook is None:
-            return super()._register_ddp_hooks()
-        # gloo runs Python communication hooks as well (Lightning's comment about NCCL dates from torch 1.8)
-        self.model.register_comm_hook(self._ddp_comm_state, self._ddp_comm_hook)
-        return None

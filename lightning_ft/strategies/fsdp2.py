@@ -21,11 +21,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
-from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lightning_ft._compat import is_sharded_checkpoint, set_model_parallel_sizes, sharded_checkpoint_metadata_path
 from lightning_ft.file_checks import check_checkpoint
 from lightning_ft.resume_checks import check_before_load
 from lightning_ft.strategies.common import AdapterStrategyMixin, as_timeout, check_world_size
@@ -111,8 +110,7 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
 
     def setup_environment(self) -> None:
         # pure FSDP: every rank holds a shard and its own share of the data
-        self._data_parallel_size = self.num_nodes * self.num_processes
-        self._tensor_parallel_size = 1
+        set_model_parallel_sizes(self, data_parallel=self.num_nodes * self.num_processes, tensor_parallel=1)
         super().setup_environment()
 
     def setup(self, trainer: L.Trainer) -> None:
@@ -127,16 +125,16 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
         check_checkpoint(path)  # a sharded folder bypasses checkpoint_io: check its files here
-        if not _is_sharded_checkpoint(path):
+        if not is_sharded_checkpoint(path):
             return super().load_checkpoint(path, weights_only)  # a full file; AdapterStrategyMixin checks it
-        metadata = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        metadata = torch.load(sharded_checkpoint_metadata_path(path), weights_only=weights_only)
         check_world_size(metadata, self.world_size, path)
         check_before_load(self.lightning_module, metadata)  # settings, base and callback, before any tensor loads
         if self.lightning_module.strict_loading:
             return ModelParallelStrategy.load_checkpoint(self, path, weights_only)
-        return self._load_partial(path, metadata)
+        return self.load_held_keys(path, metadata)
 
-    def _load_partial(self, path: Path, metadata: dict[str, Any]) -> dict[str, Any]:
+    def load_held_keys(self, path: Path, metadata: dict[str, Any]) -> dict[str, Any]:
         """Load the model keys the checkpoint holds, the optimizer states and the metadata."""
         from torch.distributed.checkpoint import load
         from torch.distributed.checkpoint.state_dict import (

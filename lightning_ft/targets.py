@@ -7,13 +7,10 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from lightning_ft.modeling import is_linear
+
 #: heads left out of "all-linear": they map to the vocabulary or to the labels (train them via modules_to_save)
 OUTPUT_HEADS = ("lm_head", "classifier", "score", "qa_outputs", "cls", "embed_out", "output")
-
-
-def is_linear(module: nn.Module) -> bool:
-    """``nn.Linear`` or the ``Conv1D`` of GPT-2-style transformers models (a linear layer with a transposed weight)."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def linear_names(model: nn.Module) -> list[str]:

@@ -136,10 +136,7 @@ def test_adapter_only_checkpoint_without_its_callback_names_it(tmp_path, tokeniz
 
 def test_sft_module_names_the_missing_callback(tmp_path, tokenizer, lora_ckpt):
     from lightning_ft import SFTModule
-    from lightning_ft.modules.base import FineTuneModule
 
-    if "check_before_load" not in FineTuneModule.on_load_checkpoint.__code__.co_names:
-        pytest.skip("modules/base.py does not call lightning_ft.resume_checks.check_before_load yet")
     module = SFTModule(model=tiny_llama(len(tokenizer)).train(), learning_rate=1e-3)
     message = refused(tmp_path, tokenizer, lora_ckpt, [], module=module)
     assert "Add LoRA(r=4, target_modules=['q_proj', 'v_proj']) to Trainer(callbacks=[...])" in message

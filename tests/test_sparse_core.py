@@ -11,6 +11,7 @@ from conftest import tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lightning_ft.sparse.inject import mark_extra_params
 from lightning_ft.sparse import (
     DynamicReselection,
     GradientMask,
@@ -310,7 +311,7 @@ def test_export_round_trip_and_atomic_write(tmp_path):
         for layer in sparse_layers(model).values():
             layer.values.normal_(std=0.1)
         model.lm_head.weight.requires_grad_(True)  # one more trained parameter written in full
-    model.sparse_extra_params = ["lm_head.weight"]
+    mark_extra_params(model, ["lm_head.weight"])  # as inject_sparse marks modules_to_save
     model.eval()
     with torch.no_grad():
         expected = model(input_ids=x).logits
@@ -326,6 +327,7 @@ def test_export_round_trip_and_atomic_write(tmp_path):
         torch.testing.assert_close(reloaded.eval()(input_ids=x).logits, expected, atol=1e-6, rtol=0)
         merged = merge_sparse(reloaded)(input_ids=x).logits
     torch.testing.assert_close(merged, expected, atol=1e-5, rtol=0)
+    assert config["extra_params"] == ["lm_head.weight"]
 
     tensors = load_file(out / "sparse_delta.safetensors")
     name = next(iter(config["layers"]))

@@ -43,18 +43,21 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_ft._compat import stage_dataloader
 from lightning_ft.callbacks.surgery import init_defaults, public_path
 from lightning_ft.compress import compress_low_rank, low_rank_layers, low_rank_spec
 from lightning_ft.compress.calibration import move_to
-from lightning_ft.compress.compress import check_compress_args
+from lightning_ft.compress.config import CompressionConfig
 from lightning_ft.compress.report import CompressionReport
+from lightning_ft.method_config import config_from_kwargs, takes_config
+from lightning_ft.modeling import MODEL_INPUTS, hf_models
 from lightning_ft.resume_checks import (
     compare_configs, constructor_call, listing, plain, read_config, register_check, saved_shapes, unregister_check,
 )  # fmt: skip
@@ -62,7 +65,6 @@ from lightning_ft.resume_checks import (
 MARKER = "_lightning_ft_low_rank"  # attribute of the module: the settings it was compressed with
 CHECKPOINT_KEY = "lightning_ft_low_rank"  # checkpoint entry: the rank spec, the settings and the callback
 #: batch keys passed to a Hugging Face model during calibration (labels left out: no loss needed)
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 
 
 def _patch_owner(callback: Any, module: L.LightningModule) -> bool:
@@ -73,9 +75,7 @@ def _patch_owner(callback: Any, module: L.LightningModule) -> bool:
 
 def default_calibration_forward(pl_module: L.LightningModule, batch: Any) -> None:
     """Run the module's Hugging Face model on the batch's model inputs, else ``pl_module(batch)``."""
-    from lightning_ft.callbacks.lora import top_level_hf_models
-
-    models = top_level_hf_models(pl_module)
+    models = hf_models(pl_module)
     if models and isinstance(batch, dict):
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         if "use_cache" in inspect.signature(models[0].forward).parameters:
@@ -88,9 +88,9 @@ def default_calibration_forward(pl_module: L.LightningModule, batch: Any) -> Non
 class LowRankCompression(L.Callback):
     """Replace the LightningModule's targeted linear layers by low-rank factor pairs before training.
 
-    Takes the budget and method arguments of ``lightning_ft.compress.compress_low_rank`` (exactly one of
-    ``rank_ratio``, ``energy``, ``param_ratio``). ``calibration_batches``: how many batches of the stage's
-    dataloader feed ``method="asvd"``'s activation statistics. ``calibration_forward(pl_module, batch)`` runs one
+    Takes a ``CompressionConfig`` (``config=``) or its fields as keyword arguments (the budget and method arguments
+    of ``lightning_ft.compress.compress_low_rank``: exactly one of ``rank_ratio``, ``energy``, ``param_ratio``);
+    ``self.config`` holds the result. ``calibration_forward(pl_module, batch)`` runs one
     calibration batch (default: the module's Hugging Face model on ``input_ids`` / ``attention_mask`` / ...).
     After compression, ``report`` holds the ``CompressionReport``; the summary goes to the log and the totals to
     the loggers (``compress/*``). See the module docstring for recovery with ``LoRA`` / ``SparseMask``.
@@ -98,27 +98,17 @@ class LowRankCompression(L.Callback):
     instead of an error.
     """
 
+    @takes_config(CompressionConfig, kwargs_name=None)
     def __init__(
         self,
-        rank_ratio: float | None = None,
-        energy: float | None = None,
-        param_ratio: float | None = None,
-        method: Literal["svd", "asvd"] = "svd",
-        calibration_batches: int = 8,
-        target_modules: str | Sequence[str] = "all-linear",
-        exclude_modules: str | Sequence[str] | None = None,
-        activation_statistic: Literal["abs_mean", "rms"] = "abs_mean",
-        asvd_alpha: float = 0.5,
+        config: CompressionConfig | None = None,
         calibration_forward: Callable[[L.LightningModule, Any], Any] | None = None,
         allow_config_change: bool = False,
+        **kwargs: Any,
     ) -> None:
-        check_compress_args(method, rank_ratio, energy, param_ratio)
-        if method == "asvd" and calibration_batches < 1:
-            raise ValueError(f"method='asvd' needs calibration_batches >= 1, got {calibration_batches}")
-        self.rank_ratio, self.energy, self.param_ratio, self.method = rank_ratio, energy, param_ratio, method
-        self.calibration_batches = calibration_batches
-        self.target_modules, self.exclude_modules = target_modules, exclude_modules
-        self.activation_statistic, self.asvd_alpha = activation_statistic, asvd_alpha
+        self.config = config_from_kwargs(CompressionConfig, config, kwargs)
+        if kwargs:
+            raise TypeError(f"LowRankCompression got unexpected keyword arguments {sorted(kwargs)}")
         self.calibration_forward = calibration_forward or default_calibration_forward
         self.allow_config_change = allow_config_change
         self.report: CompressionReport | None = None
@@ -127,13 +117,8 @@ class LowRankCompression(L.Callback):
 
     @property
     def settings(self) -> dict[str, Any]:
-        """The ``compress_low_rank`` keyword arguments (calibration excluded)."""
-        names = ("rank_ratio", "energy", "param_ratio", "method", "target_modules", "exclude_modules",
-                 "activation_statistic", "asvd_alpha")  # fmt: skip
-        out = {k: getattr(self, k) for k in names}
-        if self.method == "asvd":
-            out["calibration_batches"] = self.calibration_batches
-        return out
+        """The ``compress_low_rank`` keyword arguments (calibration excluded, unless ``asvd``)."""
+        return self.config.settings()
 
     # ---- the one-shot configure_model wrapper -----------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -198,7 +183,7 @@ class LowRankCompression(L.Callback):
                 f"the module was compressed before with {marker}; a second compression with {self.settings} "
                 "would factorise the factors again"
             )
-        calibration = self._calibration(trainer, pl_module) if self.method == "asvd" else None
+        calibration = self._calibration(trainer, pl_module) if self.config.method == "asvd" else None
         kwargs = {k: v for k, v in self.settings.items() if k != "calibration_batches"}
         report = compress_low_rank(pl_module, calibration=calibration, **kwargs)
         setattr(pl_module, MARKER, self.settings)
@@ -216,9 +201,7 @@ class LowRankCompression(L.Callback):
     def _calibration(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Callable[[Any], None]:
         """For ``compress_low_rank``: a callable running the first ``calibration_batches`` of the stage's loader."""
         fn = trainer.state.fn.value if trainer.state.fn is not None else "fit"
-        loop = {"fit": trainer.fit_loop, "validate": trainer.validate_loop, "test": trainer.test_loop,
-                "predict": trainer.predict_loop}[fn]  # fmt: skip
-        loader = loop._data_source.dataloader()
+        loader = stage_dataloader(trainer, fn)
         if loader is None:
             raise ValueError(f"LowRankCompression(method='asvd') needs calibration batches: {fn} has no dataloader")
         if isinstance(loader, (list, tuple)):  # several evaluation loaders: the first
@@ -227,7 +210,7 @@ class LowRankCompression(L.Callback):
         def run(model: Any) -> None:
             device = next(pl_module.parameters()).device
             with torch.random.fork_rng(devices=[]):  # leave the training shuffle as it would be without compression
-                batches = list(itertools.islice(iter(loader), self.calibration_batches))
+                batches = list(itertools.islice(iter(loader), self.config.calibration_batches))
             if not batches:
                 raise ValueError(f"LowRankCompression(method='asvd'): the {fn} dataloader gave no batches")
             for batch in batches:

@@ -19,8 +19,7 @@ is refused with one message listing the differences, unless ``allow_config_chang
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -28,8 +27,10 @@ from torch import nn
 
 from lightning_ft.callbacks.surgery import ModelSurgery
 from lightning_ft.lora import inject_lora, lora_layers, lora_state_dict
-from lightning_ft.lora.inject import check_lora_args, is_adapter_param
-from lightning_ft.resume_checks import plain
+from lightning_ft.lora.config import LoRAConfig
+from lightning_ft.lora.inject import METHOD
+from lightning_ft.method_config import config_from_kwargs, takes_config
+from lightning_ft.modeling import adapter_param_names, ensure_input_grads_for_checkpointing
 
 MARKER = "_lightning_ft_lora"  # attribute of the module: {"config": settings, "trainable": names that train}
 
@@ -43,8 +44,9 @@ def adapter_state_keys(module: nn.Module) -> list[str]:
 def parameter_table(module: nn.Module) -> str:
     """A Markdown table of adapter / other trainable / frozen / total parameter counts."""
     adapters = other = frozen = 0
+    names = {n for n in adapter_param_names(module, METHOD) if not n.endswith(".base_layer.bias")}
     for name, p in module.named_parameters():
-        if is_adapter_param(name):
+        if name in names:
             adapters += p.numel()
         elif p.requires_grad:
             other += p.numel()
@@ -60,41 +62,12 @@ def parameter_table(module: nn.Module) -> str:
     return "\n".join(lines)
 
 
-def top_level_hf_models(module: nn.Module) -> list[nn.Module]:
-    """Every ``transformers.PreTrainedModel`` inside ``module`` that is not inside another one."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return []
-    found: list[tuple[str, nn.Module]] = []
-    for name, m in module.named_modules():
-        if isinstance(m, PreTrainedModel) and not any(name.startswith(f"{n}.") or not n for n, _ in found):
-            found.append((name, m))
-    return [m for _, m in found]
-
-
-def ensure_input_grads_for_checkpointing(module: nn.Module) -> list[nn.Module]:
-    """Make input embeddings require grad in every Hugging Face model of ``module`` that checkpoints activations.
-
-    With a frozen base and reentrant activation checkpointing, no input of a checkpointed block requires grad, so
-    the adapters inside get no gradient and backward fails with "element 0 of tensors does not require grad".
-    Returns the models it changed.
-    """
-    changed = []
-    for model in top_level_hf_models(module):
-        prop = getattr(type(model), "is_activation_checkpointing", None)  # transformers >= 5; older: the gradient_ name
-        on = prop.fget(model) if prop is not None else getattr(model, "is_gradient_checkpointing", False)
-        if on and not getattr(model, "_require_grads_hooks", None) and not getattr(model, "_require_grads_hook", None):
-            model.enable_input_require_grads()
-            changed.append(model)
-    return changed
-
-
 # ---- the callback ----------------------------------------------------------------------------------------------
 class LoRA(ModelSurgery):
     """Inject LoRA adapters into the LightningModule (wherever it keeps its linear layers) and freeze the rest.
 
-    Takes the arguments of ``lightning_ft.lora.inject_lora``. Works for models built in ``__init__``, in ``setup``
+    Takes a ``LoRAConfig`` (``config=``) or its fields as keyword arguments, like ``lightning_ft.lora.inject_lora``;
+    ``self.config`` holds the result. Works for models built in ``__init__``, in ``setup``
     or in ``configure_model``; injection happens before DDP / FSDP wrapping, before ``configure_optimizers`` and
     before a checkpoint is restored. Checkpoints hold only the trainable weights (plus optimizer, scheduler and loop
     state) and resume exactly on the same base model. See the module docstring for the details.
@@ -113,37 +86,18 @@ class LoRA(ModelSurgery):
     training_only = ("dropout",)
     fixed_settings = ("use_dora",)  # DoRA's magnitude vectors are tensors of their own
 
-    def __init__(
-        self,
-        r: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
-        target_modules: str | Sequence[str] = "all-linear",
-        exclude_modules: str | Sequence[str] | None = None,
-        rank_pattern: dict[str, int] | None = None,
-        alpha_pattern: dict[str, float] | None = None,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        init: Literal["default", "gaussian", "pissa"] = "default",
-        modules_to_save: Sequence[str] | None = None,
-        bias: Literal["none", "all", "lora_only"] = "none",
-        allow_config_change: bool = False,
-    ) -> None:
-        check_lora_args(r, bias, init)
+    @takes_config(LoRAConfig, kwargs_name=None)
+    def __init__(self, config: LoRAConfig | None = None, allow_config_change: bool = False, **kwargs: Any) -> None:
+        self.config = config_from_kwargs(LoRAConfig, config, kwargs)
+        if kwargs:
+            raise TypeError(f"LoRA got unexpected keyword arguments {sorted(kwargs)}")
         super().__init__(allow_config_change=allow_config_change)
         self._evaluating_merged = False  # set per stage: the module holds the merged model (no adapters)
-        self.r, self.alpha, self.dropout = r, alpha, dropout
-        self.target_modules, self.exclude_modules = target_modules, exclude_modules
-        self.rank_pattern, self.alpha_pattern = rank_pattern, alpha_pattern
-        self.use_rslora, self.use_dora, self.init = use_rslora, use_dora, init
-        self.modules_to_save, self.bias = modules_to_save, bias
 
     @property
     def lora_kwargs(self) -> dict[str, Any]:
-        """The ``inject_lora`` keyword arguments."""
-        names = ("r", "alpha", "dropout", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
-                 "use_rslora", "use_dora", "init", "modules_to_save", "bias")  # fmt: skip
-        return {k: getattr(self, k) for k in names}
+        """The ``inject_lora`` keyword arguments (``self.config`` as a dict)."""
+        return {name: getattr(self.config, name) for name in LoRAConfig.field_names()}
 
     # ---- injection -------------------------------------------------------------------------------------------
     def inject_into(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -160,11 +114,11 @@ class LoRA(ModelSurgery):
             self._evaluating_merged = True
             self.relax_strict_loading(pl_module)  # so on_load_checkpoint can explain an adapter-only checkpoint
         else:
-            inject_lora(pl_module, **config)  # RuntimeError when the module already has adapters
+            inject_lora(pl_module, self.config)  # RuntimeError when the module already has adapters
             trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
             setattr(pl_module, MARKER, {"config": config, "trainable": trainable})
             rank_zero_info(
-                f"LoRA: {len(lora_layers(pl_module))} layers adapted (r={self.r}, alpha={self.alpha})\n"
+                f"LoRA: {len(lora_layers(pl_module))} layers adapted (r={self.config.r}, alpha={self.config.alpha})\n"
                 + parameter_table(pl_module)
             )
         if ensure_input_grads_for_checkpointing(pl_module):
@@ -188,7 +142,7 @@ class LoRA(ModelSurgery):
         return adapter_state_keys(pl_module)
 
     def checkpoint_config(self) -> dict[str, Any]:
-        return plain(self.lora_kwargs)
+        return self.config.to_dict()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # a module may turn activation checkpointing on after configure_model (e.g. in on_fit_start)

@@ -22,6 +22,7 @@ sharded module keeps its adapters, unmerged, so evaluation after ``fit`` runs on
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,32 +30,17 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_ft.callbacks.surgery import ModelSurgery
 from lightning_ft.io import (
     MODEL_KIND, OutputPathError, atomic_path, check_output, is_own_adapter_folder, is_own_model_folder, mark_output,
     trainer_folders, user_path,
 )
 from lightning_ft.lora import lora_layers, merge_lora, merged_state_dict
+from lightning_ft.lora.peft_format import save_peft_adapter
+from lightning_ft.modeling import find_hf_model
 from lightning_ft.sparse import merge_sparse, save_sparse_delta, sparse_layers
+from lightning_ft.sparse.inject import has_sparse_state
 from lightning_ft.strategies.sharding import full_state_dict, is_sharded
-
-
-def find_hf_model(module: nn.Module) -> tuple[str, nn.Module]:
-    """``(name, model)`` of the first submodule of ``module`` that is a ``transformers.PreTrainedModel``."""
-    from transformers import PreTrainedModel
-
-    for name, m in module.named_modules():
-        if isinstance(m, PreTrainedModel):
-            return name, m
-    raise ValueError(
-        f"{type(module).__name__} holds no Hugging Face model (transformers.PreTrainedModel); MergeAdapters writes "
-        "Hugging Face folders, so keep the model as a submodule (e.g. self.model = AutoModelFor...)"
-    )
-
-
-def _relative(names: list[str], prefix: str) -> list[str]:
-    if not prefix:
-        return list(names)
-    return [n[len(prefix) + 1 :] for n in names if n.startswith(prefix + ".")]
 
 
 def check_export_dirs(
@@ -79,6 +65,18 @@ def check_export_dirs(
     return merged, adapter
 
 
+@dataclass
+class ExportRequest:
+    """Where and what ``export_adapters`` writes: folders already checked, ``write=False`` on non-writing ranks."""
+
+    merged_dir: Path | None = None
+    adapter_dir: Path | None = None
+    base_model_name_or_path: str | None = None
+    write: bool = True
+    overwrite: bool = False
+    metadata: dict[str, Any] | None = None  # what the method's callback records in the adapter folder
+
+
 def export_adapters(
     module: nn.Module,
     merged_dir: str | os.PathLike | None = None,
@@ -87,6 +85,7 @@ def export_adapters(
     tokenizer: Any = None,
     write: bool = True,
     overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
 ) -> None:
     """Write ``module``'s Hugging Face model's adapter to ``adapter_dir`` (peft format; sparse deltas in
     ``lightning_ft.sparse.export``'s format), then merge the adapters / deltas of ``module`` into their base weights
@@ -95,63 +94,78 @@ def export_adapters(
     ``write=False`` merges without writing (the other ranks of a distributed run). A sharded ``module`` is not
     changed: every rank must call this (it gathers the shards), and the writing rank must be rank 0, the one that
     receives the full tensors. Before writing anything, both folders are checked (``check_export_dirs``;
-    ``overwrite`` as in ``MergeAdapters``).
+    ``overwrite`` as in ``MergeAdapters``). ``metadata``: what the method's callback records in the adapter folder
+    (``SparseMask``: its selection settings, in ``sparse_config.json``). LoRA: ``export_lora``; sparse deltas:
+    ``export_sparse``.
     """
-    prefix, hf_model = find_hf_model(module)
-    layers = lora_layers(module)
-    sparse = sparse_layers(module)
-    sparse_only = not layers and (bool(sparse) or "sparse_extra_params" in module.__dict__)  # BitFit: no layers
-    if not layers and not sparse_only:
+    try:
+        prefix, hf_model = find_hf_model(module)
+    except ValueError as err:
+        raise ValueError(f"{err}; MergeAdapters writes Hugging Face folders") from None
+    if not lora_layers(module) and not has_sparse_state(module):
         raise RuntimeError(
             f"{type(module).__name__} has no LoRA adapters or sparse deltas to export (add the LoRA or SparseMask "
             "callback)"
         )
-    sharded = is_sharded(module)
-    if sharded and sparse_only:
-        raise NotImplementedError("exporting sparse deltas of a sharded (FSDP2) model is not supported")
     if write:
         merged_dir, adapter_dir = check_export_dirs(merged_dir, adapter_dir, overwrite)
-    state = full_state_dict(hf_model) if sharded else None
-    if sharded and write and not state:
-        raise RuntimeError("only rank 0 receives the tensors gathered from a sharded model; write from rank 0")
-    outside = [n for n in [*layers, *sparse] if not (n.startswith(prefix + ".") or not prefix)]
+    outside = [n for n in [*lora_layers(module), *sparse_layers(module)] if prefix and not n.startswith(prefix + ".")]
     if outside:
         rank_zero_warn(f"MergeAdapters: adapters outside the Hugging Face model are merged, not saved: {outside[:3]}")
-    if adapter_dir is not None and write and sparse_only:
-        selection = getattr(module, "_lightning_ft_sparse", {}).get("config")  # the SparseMask settings, if any
-        extra = _relative(module.__dict__.get("sparse_extra_params", []), prefix)  # relative to the HF model
-        metadata = {"selection": selection} if selection else None
-        save_sparse_delta(hf_model, adapter_dir, base_model_name_or_path, extra, metadata=metadata, overwrite=overwrite)
-        rank_zero_info(f"MergeAdapters: wrote the sparse deltas to {adapter_dir}")
-    elif adapter_dir is not None and write:
-        from lightning_ft.lora.peft_format import save_peft_adapter
+    request = ExportRequest(merged_dir, adapter_dir, base_model_name_or_path, write, overwrite, metadata)
+    export = export_lora if lora_layers(module) else export_sparse
+    merged_state = export(module, hf_model, request)
+    if merged_dir is not None and write:
+        write_merged(hf_model, merged_dir, tokenizer, merged_state)
 
-        own = "lora_modules_to_save" in hf_model.__dict__
-        if not own:  # inject_lora(module) records names relative to the module; peft wants them relative to the model
-            hf_model.lora_modules_to_save = _relative(list(getattr(module, "lora_modules_to_save", [])), prefix)
-        try:
-            save_peft_adapter(
-                hf_model, adapter_dir, base_model_name_or_path=base_model_name_or_path, state_dict=state,
-                overwrite=overwrite,
-            )  # fmt: skip
-        finally:
-            if not own:
-                del hf_model.lora_modules_to_save
-        rank_zero_info(f"MergeAdapters: wrote the peft adapter to {adapter_dir}")
-    if merged_dir is None or (sharded and not write):
-        return
-    if not sharded and layers:
-        merge_lora(module)
-    if sparse:
+
+def export_lora(module: nn.Module, hf_model: nn.Module, request: ExportRequest) -> dict | None:
+    """LoRA: write the peft adapter, then merge in place. A sharded model is gathered on rank 0 and left unmerged:
+    the merged state dict is returned for ``write_merged``. Sparse layers in the same module are merged too."""
+    sharded = is_sharded(module)
+    state = full_state_dict(hf_model) if sharded else None
+    if sharded and request.write and not state:
+        raise RuntimeError("only rank 0 receives the tensors gathered from a sharded model; write from rank 0")
+    if request.adapter_dir is not None and request.write:
+        save_peft_adapter(
+            hf_model, request.adapter_dir, base_model_name_or_path=request.base_model_name_or_path, state_dict=state,
+            overwrite=request.overwrite,
+        )  # fmt: skip
+        rank_zero_info(f"MergeAdapters: wrote the peft adapter to {request.adapter_dir}")
+    if request.merged_dir is None:
+        return None
+    if sharded:
+        return merged_state_dict(hf_model, state) if request.write else None
+    merge_lora(module)
+    if sparse_layers(module):
         merge_sparse(module)
-    if write:
-        with atomic_path(merged_dir) as tmp:
-            hf_model.save_pretrained(tmp, state_dict=merged_state_dict(hf_model, state) if sharded else None)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            mark_output(tmp, MODEL_KIND)
-        what = "model and tokenizer" if tokenizer is not None else "model (no tokenizer found)"
-        rank_zero_info(f"MergeAdapters: wrote the merged {what} to {merged_dir}")
+    return None
+
+
+def export_sparse(module: nn.Module, hf_model: nn.Module, request: ExportRequest) -> None:
+    """Sparse deltas (or BitFit's biases): write them (with ``request.metadata``, e.g. the ``SparseMask`` settings),
+    then merge in place."""
+    if is_sharded(module):
+        raise NotImplementedError("exporting sparse deltas of a sharded (FSDP2) model is not supported")
+    if request.adapter_dir is not None and request.write:
+        save_sparse_delta(
+            hf_model, request.adapter_dir, request.base_model_name_or_path, metadata=request.metadata,
+            overwrite=request.overwrite,
+        )  # fmt: skip
+        rank_zero_info(f"MergeAdapters: wrote the sparse deltas to {request.adapter_dir}")
+    if request.merged_dir is not None and sparse_layers(module):
+        merge_sparse(module)
+
+
+def write_merged(hf_model: nn.Module, merged_dir: Path, tokenizer: Any, state_dict: dict | None = None) -> None:
+    """``save_pretrained`` (of ``state_dict`` when given) plus the tokenizer into ``merged_dir``, atomically."""
+    with atomic_path(merged_dir) as tmp:
+        hf_model.save_pretrained(tmp, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        mark_output(tmp, MODEL_KIND)
+    what = "model and tokenizer" if tokenizer is not None else "model (no tokenizer found)"
+    rank_zero_info(f"MergeAdapters: wrote the merged {what} to {merged_dir}")
 
 
 def _tokenizer(trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
@@ -169,6 +183,15 @@ def _tokenizer(trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
     return None
 
 
+def export_metadata(trainer: L.Trainer) -> dict[str, Any] | None:
+    """What the Trainer's method callbacks (``ModelSurgery.export_metadata``) record in an adapter folder."""
+    out: dict[str, Any] = {}
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelSurgery):
+            out.update(cb.export_metadata() or {})
+    return out or None
+
+
 class MergeAdapters(L.Callback):
     """At ``on_fit_end``: write the adapter in peft format (``SparseMask``'s deltas: indices and values, see
     ``lightning_ft.sparse.export``) to ``adapter_dir`` and / or merge the adapters into the model and write it (with
@@ -183,6 +206,8 @@ class MergeAdapters(L.Callback):
     (everything in it is deleted) once the new one is completely written; it never allows a file, the current
     folder, one output inside the other, or a folder that is or contains the run's log / checkpoint folders.
     """
+
+    needs_original_parameters = True  # read by AdapterFSDP1Strategy: FSDP1 flat parameters cannot be exported
 
     def __init__(
         self,
@@ -221,6 +246,6 @@ class MergeAdapters(L.Callback):
         export_adapters(
             pl_module, self.merged_dir, self.adapter_dir, self.base_model_name_or_path,
             tokenizer=_tokenizer(trainer, pl_module) if write and self.merged_dir is not None else None, write=write,
-            overwrite=self.overwrite,
+            overwrite=self.overwrite, metadata=export_metadata(trainer),
         )  # fmt: skip
         trainer.strategy.barrier("MergeAdapters")

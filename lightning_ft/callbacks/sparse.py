@@ -38,17 +38,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_ft.callbacks.lora import ensure_input_grads_for_checkpointing
+from lightning_ft._compat import train_dataloader
 from lightning_ft.callbacks.surgery import ModelSurgery
-from lightning_ft.resume_checks import plain
+from lightning_ft.method_config import config_from_kwargs, takes_config
+from lightning_ft.modeling import ensure_input_grads_for_checkpointing
 from lightning_ft.sparse.calibration import rank_and_world
-from lightning_ft.sparse.inject import inject_sparse, sparse_counts, sparse_layers, sparse_state_keys
-from lightning_ft.sparse.layer import MODES, Mode
+from lightning_ft.sparse.config import SparseConfig
+from lightning_ft.sparse.inject import inject_sparse, sparse_counts, sparse_extra_params, sparse_layers, sparse_state_keys
 from lightning_ft.sparse.mask import GradientMask
-from lightning_ft.sparse.reselect import DynamicReselection, Schedule
-from lightning_ft.sparse.selection import (
-    GRADIENT_CRITERIA, Allocation, Criterion, budget, check_selection_args, select_sparse,
-)  # fmt: skip
+from lightning_ft.sparse.reselect import DynamicReselection
+from lightning_ft.sparse.selection import GRADIENT_CRITERIA, budget, select_sparse
 from lightning_ft.targets import select_modules
 
 MARKER = "_lightning_ft_sparse"  # attribute of the module: {"config": settings, "trainable": names that train}
@@ -93,21 +92,10 @@ def calibration_mode(pl_module: L.LightningModule) -> Iterator[None]:
 class SparseMask(ModelSurgery):
     """Train only a selected subset of the weight entries of the module's linear layers (see the module docstring).
 
+    Takes a ``SparseConfig`` (``config=``) or its fields as keyword arguments (documented in ``SparseConfig``);
+    ``self.config`` holds the result.
+
     Args:
-        density: share of each targeted weight to train, in (0, 1]; ignored when ``lora_equivalent_rank`` is set.
-        criterion: ``"random"``, ``"magnitude"``, ``"gradient"``, ``"fisher"``, ``"movement"`` or ``"bitfit"``
-            (biases of the targeted layers only); see ``lightning_ft.sparse.selection``.
-        mode: ``"delta"`` (memory-saving) or ``"mask"`` (dense weights, masked gradients; full fine-tuning memory).
-        target_modules, exclude_modules: the LoRA rules (``lightning_ft.targets.select_modules``).
-        calibration_batches: train batches for the gradient criteria (summed over ranks).
-        reselect_every: re-select every this many optimizer steps (None: a static mask).
-        lora_equivalent_rank: budget of ``r * (m + n)`` entries per m x n weight, LoRA rank r's parameter count.
-        allocation: ``"per_matrix"`` or ``"global"`` (the summed budget goes to the best entries of all weights).
-        modules_to_save: names / suffixes of modules trained in full (e.g. a fresh classification head).
-        drop_fraction, drop_schedule, grow_window: re-selection replaces ``drop_fraction`` of each layer's entries
-            at first, annealed (``"cosine"`` / ``"linear"``) to zero, growing by the gradient of the last
-            ``grow_window`` steps.
-        seed: seed of the ``random`` criterion (the same on every rank).
         loss_fn: ``loss_fn(pl_module, batch) -> loss`` for calibration (default: ``training_step``'s loss).
         allow_config_change: resume a checkpoint written with other settings or on another base model.
 
@@ -126,40 +114,19 @@ class SparseMask(ModelSurgery):
                      "allocation", "drop_fraction", "drop_schedule", "grow_window", "seed")  # fmt: skip
     fixed_settings = ("mode",)  # delta values and dense weights are different tensors
 
+    @takes_config(SparseConfig, kwargs_name=None)
     def __init__(
         self,
-        density: float = 0.01,
-        criterion: Criterion = "fisher",
-        mode: Mode = "delta",
-        target_modules: str | Sequence[str] = "all-linear",
-        calibration_batches: int = 8,
-        reselect_every: int | None = None,
-        exclude_modules: str | Sequence[str] | None = None,
-        lora_equivalent_rank: int | None = None,
-        allocation: Allocation = "per_matrix",
-        modules_to_save: Sequence[str] | None = None,
-        drop_fraction: float = 0.3,
-        drop_schedule: Schedule = "cosine",
-        grow_window: int = 8,
-        seed: int = 0,
+        config: SparseConfig | None = None,
         loss_fn: Callable[[L.LightningModule, Any], Tensor] | None = None,
         allow_config_change: bool = False,
+        **kwargs: Any,
     ) -> None:
-        check_selection_args(density, criterion, allocation, lora_equivalent_rank, calibration_batches)
-        if mode not in MODES:
-            raise ValueError(f"unknown sparse mode {mode!r}; choose one of {list(MODES)}")
-        if reselect_every is not None:
-            if criterion == "bitfit":
-                raise ValueError("criterion='bitfit' trains whole biases; there is no mask to re-select")
-            DynamicReselection({}, reselect_every, 1, drop_fraction, drop_schedule, grow_window)  # validates
+        self.config = config_from_kwargs(SparseConfig, config, kwargs)
+        if kwargs:
+            raise TypeError(f"SparseMask got unexpected keyword arguments {sorted(kwargs)}")
         super().__init__(allow_config_change=allow_config_change)
-        self.density, self.criterion, self.mode = density, criterion, mode
-        self.target_modules, self.exclude_modules = target_modules, exclude_modules
-        self.calibration_batches, self.reselect_every = calibration_batches, reselect_every
-        self.lora_equivalent_rank, self.allocation = lora_equivalent_rank, allocation
-        self.modules_to_save = modules_to_save
-        self.drop_fraction, self.drop_schedule, self.grow_window = drop_fraction, drop_schedule, grow_window
-        self.seed, self.loss_fn = seed, loss_fn
+        self.loss_fn = loss_fn
         self.history: list[dict[str, float]] = []  # one entry per re-selection: step and what it logged
         self.masker: GradientMask | None = None
         self.reselection: DynamicReselection | None = None
@@ -169,9 +136,7 @@ class SparseMask(ModelSurgery):
     @property
     def settings(self) -> dict[str, Any]:
         """What decides the selected entries and their storage (re-selection settings excluded)."""
-        names = ("density", "criterion", "mode", "target_modules", "exclude_modules", "calibration_batches",
-                 "lora_equivalent_rank", "allocation", "modules_to_save", "seed")  # fmt: skip
-        return {k: getattr(self, k) for k in names}
+        return self.config.selection()
 
     # ---- selection and injection ------------------------------------------------------------------------------
     def inject_into(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -187,18 +152,19 @@ class SparseMask(ModelSurgery):
         else:
             if sparse_layers(pl_module):
                 raise RuntimeError("the module already has sparse deltas; inject once (merge_sparse removes them)")
-            names = select_modules(pl_module, self.target_modules, self.exclude_modules)
+            names = select_modules(pl_module, self.config.target_modules, self.config.exclude_modules)
             indices = self.select(trainer, pl_module, names)
-            biases = names if self.criterion == "bitfit" else ()
-            inject_sparse(pl_module, indices, self.mode, self.modules_to_save, train_biases=biases)
+            biases = names if self.config.criterion == "bitfit" else ()
+            inject_sparse(pl_module, indices, self.config.mode, self.config.modules_to_save, train_biases=biases)
             trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
             setattr(pl_module, MARKER, {"config": config, "trainable": trainable})
             nnz, numel = sparse_counts(pl_module)
-            extra = sum(p.numel() for n, p in pl_module.named_parameters() if n in pl_module.sparse_extra_params)
+            extras = set(sparse_extra_params(pl_module))
+            extra = sum(p.numel() for n, p in pl_module.named_parameters() if n in extras)
             rank_zero_info(
                 f"SparseMask: {len(indices)} layers, {nnz:,} of {numel:,} weight entries "
-                f"({100 * nnz / max(numel, 1):.3f}%) train (criterion={self.criterion}, mode={self.mode}, "
-                f"allocation={self.allocation}); {extra:,} other trained parameters"
+                f"({100 * nnz / max(numel, 1):.3f}%) train (criterion={self.config.criterion}, mode={self.config.mode}, "
+                f"allocation={self.config.allocation}); {extra:,} other trained parameters"
             )
         if ensure_input_grads_for_checkpointing(pl_module):
             rank_zero_info("SparseMask: activation checkpointing is on; made input embeddings require grad")
@@ -207,23 +173,23 @@ class SparseMask(ModelSurgery):
 
     def select(self, trainer: L.Trainer, pl_module: L.LightningModule, names: list[str]) -> dict[str, Tensor]:
         """The entries to train: calibrated in ``fit``; outside ``fit``, placeholders that a checkpoint replaces."""
-        if self.criterion == "bitfit":
+        if self.config.criterion == "bitfit":
             return {}
         kwargs = {
-            "density": self.density, "criterion": self.criterion, "target_modules": names,
-            "lora_equivalent_rank": self.lora_equivalent_rank, "allocation": self.allocation, "seed": self.seed,
+            "density": self.config.density, "criterion": self.config.criterion, "target_modules": names,
+            "lora_equivalent_rank": self.config.lora_equivalent_rank, "allocation": self.config.allocation, "seed": self.config.seed,
         }  # fmt: skip
-        if self.criterion not in GRADIENT_CRITERIA:
+        if self.config.criterion not in GRADIENT_CRITERIA:
             return select_sparse(pl_module, **kwargs)
         if trainer.state.fn != "fit":
             rank_zero_info(f"SparseMask: no calibration outside fit ({trainer.state.fn}); deltas start at zero")
-            return {n: torch.arange(budget(pl_module.get_submodule(n).weight.shape, self.density,
-                                           self.lora_equivalent_rank)) for n in names}  # fmt: skip
+            return {n: torch.arange(budget(pl_module.get_submodule(n).weight.shape, self.config.density,
+                                           self.config.lora_equivalent_rank)) for n in names}  # fmt: skip
         if not pl_module.automatic_optimization and self.loss_fn is None:
             raise ValueError("SparseMask: with manual optimization, pass loss_fn(pl_module, batch) -> loss")
-        loader = trainer.fit_loop._data_source.dataloader()
+        loader = train_dataloader(trainer)
         if loader is None:
-            raise ValueError(f"SparseMask: criterion {self.criterion!r} needs calibration batches; no train loader")
+            raise ValueError(f"SparseMask: criterion {self.config.criterion!r} needs calibration batches; no train loader")
         device = trainer.strategy.root_device
         if any(p.is_meta for p in pl_module.parameters()):
             raise NotImplementedError("SparseMask needs materialised weights, not a model on the meta device")
@@ -233,7 +199,7 @@ class SparseMask(ModelSurgery):
         loss_fn = self.loss_fn or training_step_loss
 
         def batches() -> Iterator[Any]:
-            for i, batch in enumerate(itertools.islice(loader, self.calibration_batches)):
+            for i, batch in enumerate(itertools.islice(loader, self.config.calibration_batches)):
                 if i % world == rank:
                     yield trainer.strategy.batch_to_device(batch, device)
 
@@ -253,8 +219,11 @@ class SparseMask(ModelSurgery):
 
     def checkpoint_config(self) -> dict[str, Any]:
         """Every setting (``loss_fn`` aside): the selection settings plus the re-selection ones."""
-        names = ("reselect_every", "drop_fraction", "drop_schedule", "grow_window")
-        return plain({**self.settings, **{k: getattr(self, k) for k in names}})
+        return self.config.to_dict()
+
+    def export_metadata(self) -> dict[str, Any]:
+        """``sparse_config.json``'s ``selection``: the settings that chose the exported entries."""
+        return {"selection": self.settings}
 
     def fixed_shape(self, key: str) -> bool:
         return not key.endswith((".indices", ".values"))  # a layer re-sizes itself to the checkpoint's selection
@@ -262,25 +231,25 @@ class SparseMask(ModelSurgery):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
         saved = (checkpoint.get(self.checkpoint_key) or {}).get("config") or {}
-        if saved.get("mode") not in (None, self.mode):
+        if saved.get("mode") not in (None, self.config.mode):
             raise RuntimeError(
-                f"the checkpoint holds mode={saved['mode']!r} sparse values; this SparseMask has mode={self.mode!r}"
+                f"the checkpoint holds mode={saved['mode']!r} sparse values; this SparseMask has mode={self.config.mode!r}"
             )
 
     # ---- training: gradient masking and re-selection ----------------------------------------------------------
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         layers = sparse_layers(pl_module)
-        if self.mode == "mask" and layers:
+        if self.config.mode == "mask" and layers:
             self.masker = GradientMask(layers)
             for optimizer in trainer.optimizers:
                 self.masker.attach(optimizer, mask_in_step=False)  # masked in on_before_optimizer_step
-        if self.reselect_every and layers:
+        if self.config.reselect_every and layers:
             total = trainer.estimated_stepping_batches
             if total == float("inf"):
                 rank_zero_warn("SparseMask: the number of training steps is unknown; the drop fraction does not anneal")
                 total = 10**9
             self.reselection = DynamicReselection(
-                layers, self.reselect_every, int(total), self.drop_fraction, self.drop_schedule, self.grow_window
+                layers, self.config.reselect_every, int(total), self.config.drop_fraction, self.config.drop_schedule, self.config.grow_window
             )
             self.reselection.load_state_dict(self._pending_accumulators)
             self._pending_accumulators = {}

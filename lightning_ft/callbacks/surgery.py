@@ -53,6 +53,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_ft._compat import get_strict_loading, set_strict_loading
 from lightning_ft.resume_checks import (
     FINGERPRINT_ATTR, base_fingerprint, compare_configs, compare_fingerprints, constructor_call, drop_samples, listing,
     read_config, register_check, saved_shapes, unregister_check,
@@ -93,7 +94,7 @@ class ModelSurgery(L.Callback):
         self.allow_config_change = allow_config_change
         self.checkpoint_megabytes: tuple[float, float] | None = None
         self._patched: tuple[L.LightningModule, Any] | None = None
-        self._strict_loading: tuple[L.LightningModule, bool | None] | None = None
+        self._relaxed: tuple[L.LightningModule, bool | None] | None = None
         self._checking: tuple[L.LightningModule, str] | None = None  # (module, stage) while check_resume is registered
 
     # ---- what a method defines -----------------------------------------------------------------------------------
@@ -112,6 +113,10 @@ class ModelSurgery(L.Callback):
     def checkpoint_config(self) -> dict[str, Any]:
         """Every setting of the callback, as the keyword arguments of its constructor (plain data)."""
         raise NotImplementedError
+
+    def export_metadata(self) -> dict[str, Any] | None:
+        """What ``MergeAdapters`` records about the method in an exported adapter folder (default: nothing)."""
+        return None
 
     def fixed_shape(self, key: str) -> bool:
         """Whether the saved tensor ``key`` must have the module's shape to load (sparse layers re-size themselves)."""
@@ -157,9 +162,9 @@ class ModelSurgery(L.Callback):
 
     def relax_strict_loading(self, pl_module: L.LightningModule) -> None:
         """Let Lightning load adapter-only state dicts; ``on_load_checkpoint`` checks the keys instead."""
-        if pl_module._strict_loading is None:
-            self._strict_loading = (pl_module, pl_module._strict_loading)
-            pl_module.strict_loading = False
+        if get_strict_loading(pl_module) is None:
+            self._relaxed = (pl_module, None)
+            set_strict_loading(pl_module, False)
 
     def _unregister(self) -> None:
         if self._checking is not None:
@@ -169,10 +174,10 @@ class ModelSurgery(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._unpatch()
         self._unregister()
-        if self._strict_loading is not None:
-            module, value = self._strict_loading
-            module._strict_loading = value
-            self._strict_loading = None
+        if self._relaxed is not None:
+            module, value = self._relaxed
+            set_strict_loading(module, value)
+            self._relaxed = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, trainer.state.fn or "fit")
@@ -286,7 +291,7 @@ class ModelSurgery(L.Callback):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # runs after Lightning loaded the state dict non-strictly (see the module docstring): check the keys here
-        if self._strict_loading is None or "state_dict" not in checkpoint:
+        if self._relaxed is None or "state_dict" not in checkpoint:
             return
         saved = set(checkpoint["state_dict"])
         missing = [k for k in self.state_keys(pl_module) if k not in saved]

@@ -3,6 +3,7 @@ of pretrained linear layers, parameter reports, and saving / reloading compresse
 
 from lightning_ft.compress.calibration import collect_activation_stats
 from lightning_ft.compress.compress import compress_low_rank, compression_targets, densify_low_rank
+from lightning_ft.compress.config import CompressionConfig
 from lightning_ft.compress.factorize import activation_scale, split_factors, weight_svd
 from lightning_ft.compress.layer import LowRankLinear, low_rank_layers
 from lightning_ft.compress.rank import rank_from_energy, rank_from_param_ratio, rank_from_ratio
@@ -10,6 +11,7 @@ from lightning_ft.compress.report import CompressionReport, LayerReport, Paramet
 from lightning_ft.compress.saving import apply_low_rank_spec, load_compressed, low_rank_spec, save_compressed
 
 __all__ = [
+    "CompressionConfig",
     "CompressionReport",
     "LayerReport",
     "LowRankLinear",

@@ -21,7 +21,8 @@ from lightning_ft.compress.rank import (
 )
 from lightning_ft.compress.report import CompressionReport, LayerReport, count_params
 from lightning_ft.compress.saving import record_in_configs
-from lightning_ft.targets import is_linear, select_modules
+from lightning_ft.modeling import is_linear, linear_weight, set_submodule
+from lightning_ft.targets import select_modules
 
 Method = Literal["svd", "asvd"]
 METHODS = ("svd", "asvd")
@@ -34,16 +35,6 @@ def check_compress_args(
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r}; choose one of {list(METHODS)}")
     return check_budget(rank_ratio, energy, param_ratio)
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def _weight(layer: nn.Module) -> Tensor:
-    """The weight as (out_features, in_features); GPT-2's ``Conv1D`` stores (in, out)."""
-    return layer.weight if isinstance(layer, nn.Linear) else layer.weight.T
 
 
 def adapter_wrappers(model: nn.Module) -> list[str]:
@@ -137,7 +128,7 @@ def compress_low_rank(
 def _compress_layer(
     model: nn.Module, name: str, layer: nn.Module, budget_name: str, value: float, scale: Tensor | None, tied: bool
 ) -> LayerReport:
-    weight = _weight(layer)
+    weight = linear_weight(layer)
     out_features, in_features = weight.shape
     bias = getattr(layer, "bias", None)
     before = dense_params(in_features, out_features, bias is not None)
@@ -166,7 +157,7 @@ def _compress_layer(
                                      None if bias is None else bias.detach())  # fmt: skip
     new.requires_grad_(weight.requires_grad)
     new.train(layer.training)
-    _set_module(model, name, new)
+    set_submodule(model, name, new)
     row.rank, row.params_after = rank, after
     return row
 
@@ -179,6 +170,6 @@ def densify_low_rank(model: nn.Module) -> nn.Module:
     longer saves parameters; use it to export a compressed (and recovered) model to tools that need dense layers.
     """
     for name, layer in low_rank_layers(model).items():
-        _set_module(model, name, layer.to_linear())
+        set_submodule(model, name, layer.to_linear())
     record_in_configs(model)
     return model

@@ -27,6 +27,19 @@ class LowRankLinear(nn.Module):
     #: read by ``lightning_ft.targets.select_modules``: the factors answer to this module's name
     factorized_linear = True
 
+    # ---- the adapter protocol (lightning_ft.modeling.Adapter) -------------------------------------------------
+    adapter_method = "low_rank"
+
+    def adapter_params(self) -> dict[str, Tensor]:
+        """The factors (and the bias), which train in full when no adapter sits on them."""
+        return {name: p for name, p in self.named_parameters()}
+
+    def adapter_groups(self) -> dict[str, str]:
+        return {}
+
+    def adapter_config(self) -> dict:
+        return {"rank": self.rank, "in_features": self.in_features, "out_features": self.out_features}
+
     def __init__(
         self,
         in_features: int,

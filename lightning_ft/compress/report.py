@@ -8,9 +8,8 @@ from typing import Any
 from torch import nn
 
 from lightning_ft.compress.layer import LowRankLinear
-from lightning_ft.targets import is_linear
+from lightning_ft.modeling import adapter_param_names, is_linear
 
-ADAPTER_PARTS = ("lora_A", "lora_B", "lora_magnitude")  # as lightning_ft.lora.inject; kept here to stay import-light
 
 
 @dataclass
@@ -117,12 +116,13 @@ def parameter_counts(model: nn.Module) -> ParameterCounts:
     modules = dict(model.named_modules())
     low_rank_prefixes = [n for n, m in modules.items() if isinstance(m, LowRankLinear)]
     counts = dict.fromkeys(("total", "trainable", "low_rank", "dense_linear", "adapters", "other"), 0)
+    adapters = {n for n in adapter_param_names(model, "lora") if not n.endswith(".base_layer.bias")}
     for name, p in model.named_parameters():
-        owner_name, _, leaf = name.rpartition(".")
+        owner_name = name.rpartition(".")[0]
         n = p.numel()
         counts["total"] += n
         counts["trainable"] += n if p.requires_grad else 0
-        if leaf in ADAPTER_PARTS or owner_name.rsplit(".", 1)[-1] in ADAPTER_PARTS:
+        if name in adapters:
             counts["adapters"] += n
         elif any(owner_name == q or owner_name.startswith(q + ".") for q in low_rank_prefixes):
             counts["low_rank"] += n

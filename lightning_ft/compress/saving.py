@@ -32,7 +32,7 @@ from torch import nn
 
 from lightning_ft.compress.layer import LowRankLinear, low_rank_layers
 from lightning_ft.io import MODEL_KIND, atomic_path, check_output, is_own_model_folder, mark_output, user_path
-from lightning_ft.targets import is_linear
+from lightning_ft.modeling import is_hf_model, is_linear, named_hf_models
 
 CONFIG_KEY = "low_rank_compression"
 SPEC_FILE = "low_rank_compression.json"
@@ -52,22 +52,9 @@ def low_rank_spec(model: nn.Module) -> dict[str, Any]:
     return {"format": FORMAT, "version": VERSION, "layers": layers}
 
 
-def _is_hf_model(module: nn.Module) -> bool:
-    return hasattr(module, "save_pretrained") and hasattr(getattr(module, "config", None), "to_dict")
-
-
-def hf_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every Hugging Face model in ``model`` that is not inside another one."""
-    found: list[tuple[str, nn.Module]] = []
-    for name, m in model.named_modules():
-        if _is_hf_model(m) and not any(not n or name.startswith(n + ".") for n, _ in found):
-            found.append((name, m))
-    return found
-
-
 def record_in_configs(model: nn.Module) -> None:
     """Write (or remove) ``config.low_rank_compression`` of every Hugging Face model in ``model``."""
-    for _, hf in hf_models(model):
+    for _, hf in named_hf_models(model):
         spec = low_rank_spec(hf)
         if spec["layers"]:
             setattr(hf.config, CONFIG_KEY, spec)
@@ -116,7 +103,7 @@ def save_compressed(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
         raise RuntimeError("the model has adapter layers (LoRA / sparse deltas): merge them before saving")
     path = check_output(path, "the compressed model's folder", is_own=is_own_model_folder, overwrite=overwrite)
     with atomic_path(path) as tmp:
-        if _is_hf_model(model):
+        if is_hf_model(model):
             record_in_configs(model)
             model.save_pretrained(tmp)
         else:

@@ -1,5 +1,6 @@
 """LoRA, pure torch (no Lightning import): layers, injection, merging, and the Hugging Face PEFT file format."""
 
+from lightning_ft.lora.config import LoRAConfig
 from lightning_ft.lora.inject import (
     inject_lora,
     lora_layers,
@@ -13,6 +14,7 @@ from lightning_ft.lora.layer import LoRALinear
 from lightning_ft.lora.peft_format import load_peft_adapter, save_peft_adapter
 
 __all__ = [
+    "LoRAConfig",
     "LoRALinear",
     "inject_lora",
     "lora_layers",

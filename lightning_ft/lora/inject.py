@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_ft.lora.layer import INITS, LoRALinear, fold_lora
+from lightning_ft.lora.config import Bias, LoRAConfig
+from lightning_ft.lora.layer import LoRALinear, fold_lora
+from lightning_ft.method_config import config_from_kwargs, takes_config
+from lightning_ft.modeling import (
+    TRAINED_BIAS, adapter_param_names, mark_trained, marked_modules, set_submodule, train_modules_in_full, unmark,
+)  # fmt: skip
 from lightning_ft.targets import match_pattern, select_modules
 
-Bias = Literal["none", "all", "lora_only"]
-#: last name part of every adapter parameter of a LoRALinear
-ADAPTER_PARTS = ("lora_A", "lora_B", "lora_magnitude")
-
-
-def is_adapter_param(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in ADAPTER_PARTS
-
-
-def check_lora_args(r: int, bias: str, init: str) -> None:
-    """Fail early, with the allowed values, on a rank below 1 or an unknown ``bias`` / ``init``."""
-    if r < 1:
-        raise ValueError(f"rank r must be >= 1, got {r}")
-    if bias not in ("none", "all", "lora_only"):
-        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
-    if init not in INITS:
-        raise ValueError(f"unknown LoRA init {init!r}; choose one of {list(INITS)}")
+METHOD = "lora"  # LoRALinear.adapter_method, and the mark on modules LoRA trains in full
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -35,76 +23,53 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+def lora_modules_to_save(model: nn.Module) -> list[str]:
+    """Names of the modules ``inject_lora`` trains in full (its ``modules_to_save``), relative to ``model``."""
+    return marked_modules(model, METHOD)
 
 
-def inject_lora(
-    model: nn.Module,
-    r: int = 8,
-    alpha: float = 16,
-    dropout: float = 0.0,
-    target_modules: str | Sequence[str] = "all-linear",
-    exclude_modules: str | Sequence[str] | None = None,
-    rank_pattern: dict[str, int] | None = None,
-    alpha_pattern: dict[str, float] | None = None,
-    use_rslora: bool = False,
-    use_dora: bool = False,
-    init: Literal["default", "gaussian", "pissa"] = "default",
-    modules_to_save: Sequence[str] | None = None,
-    bias: Bias = "none",
-) -> nn.Module:
+def lora_bias(model: nn.Module) -> Bias:
+    """The ``bias`` mode ``inject_lora`` used: read from the layers and modules it marked."""
+    if marked_modules(model, METHOD, TRAINED_BIAS):
+        return "all"
+    return "lora_only" if any(layer.train_bias for layer in lora_layers(model).values()) else "none"
+
+
+@takes_config(LoRAConfig, kwargs_name=None)
+def inject_lora(model: nn.Module, config: LoRAConfig | None = None, **fields: Any) -> nn.Module:
     """Wrap the chosen linear layers of ``model`` in ``LoRALinear`` and freeze everything else, in place.
 
-    Args:
-        r, alpha: rank and scale numerator (``scale = alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``).
-        target_modules: ``"all-linear"`` (every linear layer except output heads), names / name suffixes, or a
-            regex; ``exclude_modules`` removes matches (see ``lightning_ft.targets.select_modules``).
-        rank_pattern, alpha_pattern: ``{regex: value}`` overrides per layer (first ``re.search`` match wins).
-        use_dora: DoRA's trainable magnitude; ``init="pissa"`` initialises from the top singular vectors.
-        modules_to_save: names / suffixes of modules trained in full (e.g. a fresh ``classifier`` head).
-        bias: ``"none"`` (biases frozen), ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted layers).
+    Takes a ``LoRAConfig`` or its fields as keyword arguments (``inject_lora(model, r=4, alpha=8)``; fields given
+    with a config override it). The fields are documented in ``LoRAConfig``.
 
     Returns:
         ``model``, with only adapter weights (and ``modules_to_save`` / chosen biases) requiring grad.
     """
+    config = config_from_kwargs(LoRAConfig, config, fields)
+    if fields:
+        raise TypeError(f"inject_lora got unexpected keyword arguments {sorted(fields)}")
     if lora_layers(model):
         raise RuntimeError("the model already has LoRA adapters; inject once (merge_lora removes them)")
-    check_lora_args(r, bias, init)
-    names = select_modules(model, target_modules, exclude_modules)
+    names = select_modules(model, config.target_modules, config.exclude_modules)
     model.requires_grad_(False)
     for name in names:
-        base = model.get_submodule(name)
         layer = LoRALinear(
-            base, r=int(match_pattern(name, rank_pattern, r)), alpha=match_pattern(name, alpha_pattern, alpha),
-            dropout=dropout, use_rslora=use_rslora, use_dora=use_dora, init=init,
+            model.get_submodule(name), r=int(match_pattern(name, config.rank_pattern, config.r)),
+            alpha=match_pattern(name, config.alpha_pattern, config.alpha), dropout=config.dropout,
+            use_rslora=config.use_rslora, use_dora=config.use_dora, init=config.init,
+            train_bias=config.bias in ("lora_only", "all"),
         )  # fmt: skip
-        _set_module(model, name, layer)
-        if bias == "lora_only" and getattr(base, "bias", None) is not None:
-            base.bias.requires_grad_(True)
-    if bias == "all":
+        set_submodule(model, name, layer)
+    if config.bias == "all":
+        owners = [n for n, m in model.named_modules() if getattr(m, "bias", None) is not None
+                  and isinstance(m.bias, nn.Parameter) and not isinstance(m, LoRALinear)]  # fmt: skip
         for pname, p in model.named_parameters():
             if pname.endswith("bias"):
                 p.requires_grad_(True)
-    saved = _modules_to_save(model, modules_to_save)
-    for name in saved:
-        model.get_submodule(name).requires_grad_(True)
-    model.lora_modules_to_save = saved  # read by the PEFT export
-    model.lora_bias = bias  # read by the PEFT export (requires_grad may change after injection)
+        mark_trained(model, owners, METHOD, TRAINED_BIAS)
+    saved = train_modules_in_full(model, config.modules_to_save)
+    mark_trained(model, saved, METHOD)
     return model
-
-
-def _modules_to_save(model: nn.Module, keys: Sequence[str] | None) -> list[str]:
-    """Module names matching ``keys`` (names or suffixes); a module inside another chosen one is covered by it."""
-    all_names = [n for n, _ in model.named_modules() if n]
-    found: list[str] = []
-    for key in keys or []:
-        hits = [n for n in all_names if n == key or n.endswith("." + key)]
-        if not hits:
-            raise ValueError(f"modules_to_save: no module named {key!r} in {type(model).__name__}")
-        found += hits
-    return sorted({n for n in found if not any(n.startswith(f + ".") for f in found)})
 
 
 def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
@@ -122,11 +87,9 @@ def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
     for name, layer in layers.items():
         layer.merge()
         if unload:
-            _set_module(model, name, layer.base_layer)
-    if unload and hasattr(model, "lora_modules_to_save"):
-        del model.lora_modules_to_save
-    if unload and hasattr(model, "lora_bias"):
-        del model.lora_bias
+            set_submodule(model, name, layer.base_layer)
+    if unload:
+        unmark(model, METHOD)
     return model
 
 
@@ -164,14 +127,12 @@ def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter weights only: ``lora_A`` / ``lora_B`` / ``lora_magnitude`` plus every other trainable parameter
     (``modules_to_save``, trained biases), keyed by their names in ``model.state_dict()``."""
-    return {
-        name: p.detach()
-        for name, p in model.named_parameters()
-        if p.requires_grad or is_adapter_param(name)
-    }
+    adapters = adapter_param_names(model, METHOD)
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad or name in adapters}
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
-    """Freeze everything but the adapters (used after loading an adapter into a model)."""
+    """Freeze everything but the adapters' own matrices (used after loading an adapter into a model)."""
+    adapters = {n for n in adapter_param_names(model, METHOD) if not n.endswith(".base_layer.bias")}
     for name, p in model.named_parameters():
-        p.requires_grad_(is_adapter_param(name))
+        p.requires_grad_(name in adapters)

@@ -13,19 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_ft.targets import is_linear
-
-INITS = ("default", "gaussian", "pissa")
-
-
-def linear_shape(layer: nn.Module) -> tuple[int, int, bool]:
-    """``(in_features, out_features, fan_in_fan_out)``; GPT-2's ``Conv1D`` stores its weight as (in, out)."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features, False
-    if type(layer).__name__ == "Conv1D":
-        in_features, out_features = layer.weight.shape
-        return in_features, out_features, True
-    raise TypeError(f"LoRA wraps nn.Linear or transformers' Conv1D, not {type(layer).__name__}")
+from lightning_ft.lora.config import INITS
+from lightning_ft.modeling import is_linear, linear_shape
 
 
 def fold_lora(
@@ -43,6 +32,9 @@ def fold_lora(
 class LoRALinear(nn.Module):
     """``y = base(x) + scale * B(A(dropout(x)))`` with ``base`` frozen.
 
+    An adapter (``lightning_ft.modeling.Adapter``): ``adapter_params()`` are ``lora_A``, ``lora_B`` (and DoRA's
+    ``lora_magnitude``), plus the base layer's bias when ``train_bias`` (``bias="lora_only"`` or ``"all"``).
+
     Shapes: ``lora_A`` (r, in_features), ``lora_B`` (out_features, r), ``lora_magnitude`` (out_features,) for DoRA.
     Input ``x`` (..., in_features); output (..., out_features). Adapters of a half-precision base are kept in
     float32 (their update is computed in float32 and cast to the output dtype).
@@ -57,6 +49,7 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         use_dora: bool = False,
         init: str = "default",
+        train_bias: bool = False,
     ) -> None:
         super().__init__()
         if not is_linear(base_layer):
@@ -79,9 +72,31 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=weight.device))
         self.lora_magnitude: nn.Parameter | None = None
+        self.train_bias = train_bias and getattr(base_layer, "bias", None) is not None
+        if self.train_bias:
+            base_layer.bias.requires_grad_(True)
         self.merged = False
         self._merged_norm: Tensor | None = None  # DoRA: the column norm used at merge time, needed to unmerge
         self.reset_lora_parameters(init)
+
+    # ---- the adapter protocol (lightning_ft.modeling.Adapter) -------------------------------------------------
+    adapter_method = "lora"
+
+    def adapter_params(self) -> dict[str, Tensor]:
+        """The tensors this layer trains, by their names relative to it."""
+        out = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.lora_magnitude is not None:
+            out["lora_magnitude"] = self.lora_magnitude
+        if self.train_bias:
+            out["base_layer.bias"] = self.base_layer.bias
+        return out
+
+    def adapter_groups(self) -> dict[str, str]:
+        """LoRA+ trains ``lora_B`` at its own learning rate."""
+        return {"lora_B": "lora_B"}
+
+    def adapter_config(self) -> dict:
+        return {"r": self.r, "alpha": self.alpha, "use_rslora": self.use_rslora, "use_dora": self.use_dora}
 
     # ---- weights ---------------------------------------------------------------------------------------------
     def base_weight(self) -> Tensor:

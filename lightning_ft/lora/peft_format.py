@@ -33,9 +33,10 @@ from torch import Tensor, nn
 
 from lightning_ft.file_checks import CorruptFileError, check_safetensors, read_json_file
 from lightning_ft.io import SIGNATURE, atomic_path, check_output, is_own_adapter_folder
-from lightning_ft.lora.inject import _set_module, inject_lora, lora_layers
+from lightning_ft.lora.inject import METHOD, inject_lora, lora_bias, lora_layers, lora_modules_to_save
 from lightning_ft.lora.layer import LoRALinear
-from lightning_ft.targets import is_linear, select_modules
+from lightning_ft.modeling import is_linear, set_submodule, unmark
+from lightning_ft.targets import select_modules
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -152,8 +153,8 @@ def save_peft_adapter(
     ``task_type`` defaults from the class name (``...ForCausalLM`` -> ``"CAUSAL_LM"``, ...); for classification and
     question answering peft always loads the head (``classifier`` / ``score`` / ``qa_outputs``), so its current
     weights are written as a module to save even when it was not trained. ``bias`` defaults to the mode
-    ``inject_lora`` recorded (``model.lora_bias``), else to what the model trains (``"all"``, ``"lora_only"`` or
-    ``"none"``, read from ``requires_grad``). ``state_dict``: the tensors to write, under ``model.state_dict()``'s
+    ``inject_lora`` recorded (``lightning_ft.lora.inject.lora_bias``), else to what the model trains (``"all"``,
+    ``"lora_only"`` or ``"none"``, read from ``requires_grad``). ``state_dict``: the tensors to write, under ``model.state_dict()``'s
     keys, instead of the model's own (full tensors gathered from a sharded model).
 
     ``path`` (``~`` expanded) is checked by ``lightning_ft.io.check_output``: an existing folder is replaced only
@@ -165,10 +166,11 @@ def save_peft_adapter(
         raise ValueError(f"{type(model).__name__} has no LoRA adapters to save (inject_lora first)")
     names = [n for n, _ in model.named_modules() if n and n.rpartition(".")[0] not in layers]  # without wrappers
     task_type = task_type or next((t for s, t in TASK_TYPES.items() if type(model).__name__.endswith(s)), None)
-    saved = list(getattr(model, "lora_modules_to_save", []))
+    saved = lora_modules_to_save(model)
     heads = _peft_modules_to_save(names, HEADS.get(task_type))  # peft wraps these anyway and needs their weights
     saved += [h for h in heads if not any(h == s or h.startswith(s + ".") for s in saved)]
-    bias = bias or getattr(model, "lora_bias", None) or _infer_bias(model, layers, saved)
+    recorded = lora_bias(model)  # what inject_lora marked; a model changed by hand: what it trains
+    bias = bias or (recorded if recorded != "none" else _infer_bias(model, layers, saved))
     first = next(iter(layers.values()))
     wanted = {n: (layer.r, layer.alpha) for n, layer in layers.items()}
     r = Counter(v[0] for v in wanted.values()).most_common(1)[0][0]
@@ -308,8 +310,7 @@ def _copy_into(targets: dict[str, Tensor], state: dict[str, Tensor], path: Path)
 def _remove_adapters(model: nn.Module, flags: dict[str, bool]) -> None:
     """Undo a failed load: put the plain layers back and restore ``requires_grad``."""
     for name, layer in lora_layers(model).items():
-        _set_module(model, name, layer.base_layer)
-    model.__dict__.pop("lora_modules_to_save", None)
-    model.__dict__.pop("lora_bias", None)
+        set_submodule(model, name, layer.base_layer)
+    unmark(model, METHOD)
     for name, p in model.named_parameters():
         p.requires_grad_(flags[name])

@@ -4,11 +4,14 @@ classification head in full by default."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_ft.callbacks.merge import MergeAdapters
+from lightning_ft.method_config import MethodConfig
 from lightning_ft.modules.base import FineTuneModule
 
 CLASSIFICATION_HEADS = ("classifier", "score", "classification_head")
@@ -21,14 +24,20 @@ def classification_heads(model: nn.Module) -> list[str]:
 
 
 class AdapterModule(FineTuneModule):
-    """Subclasses implement ``method_callback()`` and take ``modules_to_save``, ``merged_dir``, ``adapter_dir``,
-    ``overwrite`` and ``allow_config_change``.
+    """Subclasses implement ``method_callback()``, hold their method's config (with ``modules_to_save``) as
+    ``self.config`` and take ``merged_dir``, ``adapter_dir``, ``overwrite`` and ``allow_config_change``.
 
     ``modules_to_save=None`` trains the classification head in full for ``task="classification"`` (its name is known
     only once the model exists, so ``configure_model`` hands it to the callback, which acts right after that hook).
     """
 
     _method: L.Callback | None = None
+
+    def set_method_config(self, config: MethodConfig, **arguments: Any) -> None:
+        """Keep the method's ``config`` as ``self.config`` and record its fields and the subclass's own
+        ``arguments`` as flat hparams (what ``load_from_checkpoint`` and the loggers see)."""
+        self.config = config
+        self.save_hyperparameters({**self.hparams, **config.to_dict(), **arguments})
 
     def method_callback(self) -> L.Callback:
         """A new instance of the method's callback, built from this module's settings."""
@@ -46,7 +55,7 @@ class AdapterModule(FineTuneModule):
 
     def configure_model(self) -> None:
         super().configure_model()
-        if self._method is None or self.task != "classification" or self.hparams.modules_to_save is not None:
+        if self._method is None or self.task != "classification" or self.config.modules_to_save is not None:
             return
         heads = classification_heads(self.model)
         if not heads:
@@ -54,4 +63,4 @@ class AdapterModule(FineTuneModule):
                 f"{type(self).__name__}: no classification head named {list(CLASSIFICATION_HEADS)} in "
                 f"{type(self.model).__name__}; it stays frozen. Name it with `modules_to_save`."
             )
-        self._method.modules_to_save = [f"model.{n}" for n in heads] or None
+        self._method.config = self._method.config.replace(modules_to_save=[f"model.{n}" for n in heads] or None)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
 from lightning_ft.callbacks.lora import LoRA
+from lightning_ft.lora.config import LoRAConfig
+from lightning_ft.method_config import config_from_kwargs, takes_config
 from lightning_ft.modules.adapter import AdapterModule
 from lightning_ft.modules.base import ModelTask
 from lightning_ft.modules.optim import loraplus_groups
@@ -15,7 +17,8 @@ from lightning_ft.modules.optim import loraplus_groups
 class LoRAModule(AdapterModule):
     """LoRA fine-tuning: ``AdapterModule`` plus the ``LoRA`` callback (and ``MergeAdapters`` when a dir is given).
 
-    LoRA arguments (``r`` ... ``bias``) are those of ``lightning_ft.lora.inject_lora``. ``modules_to_save=None``
+    LoRA arguments: a ``LoRAConfig`` (``config=``) or its fields (``r`` ... ``bias``) as keyword arguments;
+    ``self.config`` holds the result. ``modules_to_save=None``
     trains the classification head in full for ``task="classification"`` (``classifier`` / ``score``), and nothing
     else for causal LMs; ``[]`` trains no head.
     ``loraplus_lr_ratio``: LoRA+, the ``lora_B`` matrices get ``learning_rate * loraplus_lr_ratio`` (16 in the paper).
@@ -26,24 +29,14 @@ class LoRAModule(AdapterModule):
     learning rate is higher than full fine-tuning's).
     """
 
+    @takes_config(LoRAConfig)
     def __init__(
         self,
         model_name_or_path: str | None = None,
         task: ModelTask = "causal_lm",
         labels: list[str] | None = None,
         model: nn.Module | None = None,
-        r: int = 8,
-        alpha: float = 16,
-        dropout: float = 0.0,
-        target_modules: str | list[str] = "all-linear",
-        exclude_modules: str | list[str] | None = None,
-        rank_pattern: dict[str, int] | None = None,
-        alpha_pattern: dict[str, float] | None = None,
-        use_rslora: bool = False,
-        use_dora: bool = False,
-        init: Literal["default", "gaussian", "pissa"] = "default",
-        modules_to_save: list[str] | None = None,
-        bias: Literal["none", "all", "lora_only"] = "none",
+        config: LoRAConfig | None = None,
         loraplus_lr_ratio: float | None = None,
         merged_dir: str | None = None,
         adapter_dir: str | None = None,
@@ -52,27 +45,26 @@ class LoRAModule(AdapterModule):
         learning_rate: float = 2e-4,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            model_name_or_path=model_name_or_path, task=task, labels=labels, model=model, learning_rate=learning_rate,
-            **kwargs,
-        )  # fmt: skip
+        lora = config_from_kwargs(LoRAConfig, config, kwargs)  # takes the LoRA fields out of kwargs
         if loraplus_lr_ratio is not None and loraplus_lr_ratio <= 0:
             raise ValueError(f"loraplus_lr_ratio must be positive, got {loraplus_lr_ratio}")
-        LoRA(**self.lora_settings())  # validates the LoRA arguments now rather than at fit time
+        # no super(): FineTuneModule.save_hyperparameters then records the base arguments only (Lightning cannot
+        # read the generated LoRA arguments from this frame); set_method_config adds them, as flat hparams
+        AdapterModule.__init__(self, model_name_or_path, task, labels, model, learning_rate=learning_rate, **kwargs)
+        self.set_method_config(
+            lora, loraplus_lr_ratio=loraplus_lr_ratio, merged_dir=merged_dir, adapter_dir=adapter_dir,
+            overwrite=overwrite, allow_config_change=allow_config_change,
+        )  # fmt: skip
 
     def lora_settings(self) -> dict[str, Any]:
-        """The ``inject_lora`` / ``LoRA`` arguments of this module."""
-        hp = self.hparams
-        names = ("r", "alpha", "dropout", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
-                 "use_rslora", "use_dora", "init", "modules_to_save", "bias")  # fmt: skip
-        return {k: hp[k] for k in names}
+        """The ``inject_lora`` / ``LoRA`` arguments of this module (``self.config`` as a dict)."""
+        return self.config.to_dict()
 
     def method_callback(self) -> LoRA:
-        return LoRA(**self.lora_settings(), allow_config_change=self.hparams.get("allow_config_change", False))
+        return LoRA(self.config, allow_config_change=self.hparams.get("allow_config_change", False))
 
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
         ratio = self.hparams.loraplus_lr_ratio
         if ratio is None:
             return super().optimizer_param_groups()
-        return loraplus_groups(self.named_parameters(), self.hparams.weight_decay, self.hparams.learning_rate, ratio)
-
+        return loraplus_groups(self, self.hparams.weight_decay, self.hparams.learning_rate, ratio)

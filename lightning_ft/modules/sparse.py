@@ -3,7 +3,7 @@ it returns."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
@@ -11,14 +11,17 @@ from lightning_ft.callbacks.sparse import SparseMask
 from lightning_ft.modules.adapter import AdapterModule
 from lightning_ft.modules.base import ModelTask
 from lightning_ft.modules.optim import decay_groups
-from lightning_ft.sparse import sparse_layers
+from lightning_ft.method_config import config_from_kwargs, takes_config
+from lightning_ft.modeling import adapter_param_names
+from lightning_ft.sparse.config import SparseConfig
 
 
 class SparseModule(AdapterModule):
     """Sparse fine-tuning: ``AdapterModule`` plus the ``SparseMask`` callback (and ``MergeAdapters`` when a dir is
     given).
 
-    Sparse arguments (``density`` ... ``seed``) are those of ``lightning_ft.callbacks.SparseMask``.
+    Sparse arguments: a ``SparseConfig`` (``config=``) or its fields (``density`` ... ``grow_window``) as keyword
+    arguments, as for ``lightning_ft.callbacks.SparseMask``; ``self.config`` holds the result.
     ``modules_to_save=None`` trains the classification head in full for ``task="classification"`` (``classifier`` /
     ``score``), and nothing else for causal LMs; ``[]`` trains no head. ``merged_dir`` / ``adapter_dir``: at the end
     of ``fit``, write the merged Hugging Face model / the sparse deltas (indices and values); after a merge the module
@@ -28,26 +31,14 @@ class SparseModule(AdapterModule):
     model (a warning instead of an error; see ``SparseMask``). Other arguments are ``FineTuneModule``'s.
     """
 
+    @takes_config(SparseConfig)
     def __init__(
         self,
         model_name_or_path: str | None = None,
         task: ModelTask = "causal_lm",
         labels: list[str] | None = None,
         model: nn.Module | None = None,
-        density: float = 0.01,
-        criterion: Literal["random", "magnitude", "gradient", "fisher", "movement", "bitfit"] = "fisher",
-        mode: Literal["delta", "mask"] = "delta",
-        target_modules: str | list[str] = "all-linear",
-        exclude_modules: str | list[str] | None = None,
-        lora_equivalent_rank: int | None = None,
-        allocation: Literal["per_matrix", "global"] = "per_matrix",
-        calibration_batches: int = 8,
-        reselect_every: int | None = None,
-        drop_fraction: float = 0.3,
-        drop_schedule: Literal["cosine", "linear"] = "cosine",
-        grow_window: int = 8,
-        seed: int = 0,
-        modules_to_save: list[str] | None = None,
+        config: SparseConfig | None = None,
         merged_dir: str | None = None,
         adapter_dir: str | None = None,
         overwrite: bool = False,
@@ -55,28 +46,26 @@ class SparseModule(AdapterModule):
         learning_rate: float = 2e-4,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            model_name_or_path=model_name_or_path, task=task, labels=labels, model=model, learning_rate=learning_rate,
-            **kwargs,
+        sparse = config_from_kwargs(SparseConfig, config, kwargs)  # takes the sparse fields out of kwargs
+        # no super(): see LoRAModule.__init__ (the generated arguments are added to the hparams below)
+        AdapterModule.__init__(self, model_name_or_path, task, labels, model, learning_rate=learning_rate, **kwargs)
+        self.set_method_config(
+            sparse, merged_dir=merged_dir, adapter_dir=adapter_dir, overwrite=overwrite,
+            allow_config_change=allow_config_change,
         )  # fmt: skip
-        SparseMask(**self.sparse_settings())  # validates the sparse arguments now rather than at fit time
 
     def sparse_settings(self) -> dict[str, Any]:
-        """The ``SparseMask`` arguments of this module."""
-        hp = self.hparams
-        names = ("density", "criterion", "mode", "target_modules", "exclude_modules", "lora_equivalent_rank",
-                 "allocation", "calibration_batches", "reselect_every", "drop_fraction", "drop_schedule",
-                 "grow_window", "seed", "modules_to_save")  # fmt: skip
-        return {k: hp[k] for k in names}
+        """The ``SparseMask`` arguments of this module (``self.config`` as a dict)."""
+        return self.config.to_dict()
 
     def method_callback(self) -> SparseMask:
-        return SparseMask(**self.sparse_settings(), allow_config_change=self.hparams.get("allow_config_change", False))
+        return SparseMask(self.config, allow_config_change=self.hparams.get("allow_config_change", False))
 
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
-        values = {id(layer.values) for layer in sparse_layers(self).values() if layer.values is not None}
-        others = [(n, p) for n, p in self.named_parameters() if id(p) not in values]
-        groups = decay_groups(others, self.hparams.weight_decay)
-        trained = [p for p in self.parameters() if id(p) in values and p.requires_grad]
+        declared = adapter_param_names(self, "sparse")
+        values = {n for n, group in declared.items() if group == "sparse_values"}
+        groups = decay_groups([(n, p) for n, p in self.named_parameters() if n not in values], self.hparams.weight_decay)
+        trained = [p for n, p in self.named_parameters() if n in values and p.requires_grad]
         if trained:  # the 1-D delta values are weight entries: decayed like matrices
             groups.append({"params": trained, "weight_decay": self.hparams.weight_decay})
         return groups

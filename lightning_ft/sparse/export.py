@@ -21,9 +21,9 @@ from torch import nn
 
 from lightning_ft.file_checks import check_safetensors, read_json_file
 from lightning_ft.io import SIGNATURE, atomic_path, check_output, is_own_adapter_folder, user_path
-from lightning_ft.sparse.inject import inject_sparse, sparse_layers
+from lightning_ft.sparse.inject import inject_sparse, mark_extra_params, sparse_extra_params, sparse_layers
 from lightning_ft.sparse.layer import check_indices
-from lightning_ft.targets import is_linear
+from lightning_ft.modeling import is_linear
 
 CONFIG_NAME = "sparse_config.json"
 WEIGHTS_NAME = "sparse_delta.safetensors"
@@ -42,14 +42,14 @@ def save_sparse_delta(
 ) -> Path:
     """Write the sparse deltas of ``model`` (after ``inject_sparse``) and its other trained parameters, atomically.
 
-    ``extra_params`` (default ``model.sparse_extra_params``) names the trained parameters written in full;
+    ``extra_params`` (default ``sparse_extra_params(model)``) names the trained parameters written in full;
     ``metadata`` (e.g. the selection criterion) goes into the config as is. ``path`` (``~`` expanded) is checked
     by ``lightning_ft.io.check_output``: an existing folder is replaced only when it is empty or a sparse delta
     lightning-ft wrote (or a peft adapter it wrote), or with ``overwrite=True``.
     """
     path = check_output(path, "adapter_dir", is_own=is_own_adapter_folder, overwrite=overwrite)
     layers = sparse_layers(model)
-    extra = list(getattr(model, "sparse_extra_params", []) if extra_params is None else extra_params)
+    extra = list(sparse_extra_params(model) if extra_params is None else extra_params)
     if not layers and not extra:
         raise ValueError(f"{type(model).__name__} has no sparse deltas or trained parameters to save")
     params = dict(model.named_parameters())
@@ -122,12 +122,12 @@ def load_sparse_delta(model: nn.Module, path: str | Path, trainable: bool = Fals
             layer.values.copy_(state[f"{name}.values"])
         for name in config.get("extra_params", []):
             params[name].copy_(state[name])
-    model.sparse_extra_params = list(config.get("extra_params", []))
+    mark_extra_params(model, config.get("extra_params", []))
     for p in model.parameters():
         p.requires_grad_(False)
     if trainable:
         for layer in layers.values():
             layer.values.requires_grad_(True)
-        for name in model.sparse_extra_params:
+        for name in config.get("extra_params", []):
             params[name].requires_grad_(True)
     return model

@@ -6,8 +6,12 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
-from lightning_ft.lora.inject import _modules_to_save, _set_module
+from lightning_ft.modeling import (
+    TRAINED_BIAS, TRAINED_IN_FULL, adapter_layers, mark_trained, marked_modules, set_submodule, train_modules_in_full, unmark,
+)  # fmt: skip
 from lightning_ft.sparse.layer import MODES, Mode, SparseLinear
+
+METHOD = "sparse"  # SparseLinear.adapter_method, and the mark on modules sparse fine-tuning trains in full
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
@@ -32,7 +36,7 @@ def inject_sparse(
         train_biases: module names whose ``bias`` trains (BitFit).
 
     Returns:
-        ``model``; ``model.sparse_extra_params`` lists the trainable parameters besides the sparse entries.
+        ``model``; ``sparse_extra_params(model)`` lists the trainable parameters besides the sparse entries.
     """
     if sparse_layers(model):
         raise RuntimeError("the model already has sparse deltas; inject once (merge_sparse removes them)")
@@ -43,25 +47,36 @@ def inject_sparse(
         raise ValueError(f"BitFit: {len(biased)} targeted layers have no bias, e.g. {biased[:3]}")
     model.requires_grad_(False)
     for name, idx in indices.items():
-        _set_module(model, name, SparseLinear(model.get_submodule(name), idx, mode))
+        set_submodule(model, name, SparseLinear(model.get_submodule(name), idx, mode))
+    owners = []
     for name in train_biases:
         module = model.get_submodule(name)
-        module = module.base_layer if isinstance(module, SparseLinear) else module
-        module.bias.requires_grad_(True)
-    saved = _modules_to_save(model, modules_to_save)
-    for name in saved:
-        model.get_submodule(name).requires_grad_(True)
-    sparse_params = set(_sparse_param_names(model))
-    model.sparse_extra_params = [n for n, p in model.named_parameters() if p.requires_grad and n not in sparse_params]
+        owners.append(f"{name}.base_layer" if isinstance(module, SparseLinear) else name)
+        model.get_submodule(owners[-1]).bias.requires_grad_(True)
+    mark_trained(model, owners, METHOD, TRAINED_BIAS)
+    mark_trained(model, train_modules_in_full(model, modules_to_save), METHOD)
     return model
 
 
-def _sparse_param_names(model: nn.Module) -> list[str]:
-    """Names of the parameters that hold sparse entries: ``values`` (delta mode) or the dense weight (mask mode)."""
-    names = []
-    for name, layer in sparse_layers(model).items():
-        names.append(f"{name}.values" if layer.values is not None else f"{name}.base_layer.weight")
-    return names
+def mark_extra_params(model: nn.Module, names: Sequence[str]) -> None:
+    """Record parameter ``names`` (e.g. read from a sparse delta folder) as trained besides the sparse entries: a
+    ``bias`` marks its module's bias, any other parameter its whole module."""
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        mark_trained(model, [owner], METHOD, TRAINED_BIAS if leaf == "bias" else TRAINED_IN_FULL)
+
+
+def sparse_extra_params(model: nn.Module) -> list[str]:
+    """Names of the parameters trained besides the sparse entries: those of the modules trained in full
+    (``modules_to_save``) and the BitFit biases, as ``inject_sparse`` marked them."""
+    full = tuple(f"{n}." if n else "" for n in marked_modules(model, METHOD))
+    biases = {f"{n}.bias" if n else "bias" for n in marked_modules(model, METHOD, TRAINED_BIAS)}
+    return [n for n, _ in model.named_parameters() if (full and n.startswith(full)) or n in biases]
+
+
+def has_sparse_state(model: nn.Module) -> bool:
+    """Whether ``model`` holds sparse layers or other parameters sparse fine-tuning trains (BitFit: no layers)."""
+    return bool(sparse_layers(model)) or bool(sparse_extra_params(model))
 
 
 def merge_sparse(model: nn.Module) -> nn.Module:
@@ -73,17 +88,17 @@ def merge_sparse(model: nn.Module) -> nn.Module:
     for name, layer in layers.items():
         layer.merge()
         layer.base_layer.weight.requires_grad_(False)
-        _set_module(model, name, layer.base_layer)
-    model.__dict__.pop("sparse_extra_params", None)
+        set_submodule(model, name, layer.base_layer)
+    unmark(model, METHOD)
     return model
 
 
 def sparse_state_keys(model: nn.Module) -> list[str]:
     """State-dict keys of a sparse-only checkpoint: each layer's ``indices`` and ``values``, plus every other trainable
     parameter (``modules_to_save``, BitFit biases); never a dense base weight."""
-    layers = sparse_layers(model)
+    layers = adapter_layers(model, METHOD)
     dense = {f"{n}.base_layer.weight" for n in layers}
-    keys = [f"{n}.{part}" for n in layers for part in ("indices", "values")]
+    keys = [f"{n}.{part}" for n, layer in layers.items() for part in layer.adapter_params()]
     return keys + [n for n, p in model.named_parameters() if p.requires_grad and n not in dense and n not in keys]
 
 

@@ -23,9 +23,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_ft.lora.layer import linear_shape
+from lightning_ft.modeling import is_linear, linear_shape
 from lightning_ft.sparse.delta import effective_weight, sparse_delta_linear
-from lightning_ft.targets import is_linear
 
 Mode = Literal["delta", "mask"]
 MODES = ("delta", "mask")
@@ -78,6 +77,23 @@ class SparseLinear(nn.Module):
             base_layer.weight.requires_grad_(True)
             self.register_buffer("base_values", weight.detach().reshape(-1)[self.indices].clone(), persistent=False)
         self.grad_accumulator: Tensor | None = None
+
+    # ---- the adapter protocol (lightning_ft.modeling.Adapter) -------------------------------------------------
+    adapter_method = "sparse"
+
+    def adapter_params(self) -> dict[str, Tensor]:
+        """What this layer trains and a checkpoint keeps: ``indices`` and ``values`` (in mask mode ``values`` is
+        written from the dense weight, which trains)."""
+        out = {"indices": self.indices}
+        out["values"] = self.values if self.values is not None else self.base_layer.weight
+        return out
+
+    def adapter_groups(self) -> dict[str, str]:
+        """Delta values are weight entries: decayed like matrices although 1-D."""
+        return {"values": "sparse_values"} if self.values is not None else {}
+
+    def adapter_config(self) -> dict:
+        return {"mode": self.mode, "nnz": self.nnz, "shape": list(self.base_layer.weight.shape)}
 
     @property
     def numel(self) -> int:

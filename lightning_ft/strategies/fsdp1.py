@@ -21,6 +21,7 @@ from typing import Any, Literal
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import FSDPStrategy
 
+from lightning_ft._compat import set_activation_checkpointing_kwargs
 from lightning_ft.strategies.common import AdapterStrategyMixin, as_timeout
 from lightning_ft.strategies.sharding import adapter_wrap_policy, block_class_names
 
@@ -56,18 +57,17 @@ class AdapterFSDP1Strategy(AdapterStrategyMixin, FSDPStrategy):
         self.block_classes = block_classes
         self.activation_checkpointing = activation_checkpointing
 
-    def _configure_launcher(self) -> None:
+    def before_launch(self) -> None:
         if not isinstance(self.accelerator, CUDAAccelerator):
             raise ValueError(
                 f"AdapterFSDP1Strategy needs CUDA GPUs (FSDP1 does not run on {type(self.accelerator).__name__}); "
                 "on CPUs use strategy='adapter_fsdp2' (FSDP2 with gloo) or 'adapter_ddp'"
             )
-        super()._configure_launcher()
+        super().before_launch()
 
     def setup(self, trainer: Any) -> None:
-        from lightning_ft.callbacks.merge import MergeAdapters  # here: merge.py imports this package
-
-        if any(isinstance(cb, MergeAdapters) for cb in trainer.callbacks):
+        # a callback that reads the original parameters (MergeAdapters) says so; strategies never import callbacks
+        if any(getattr(cb, "needs_original_parameters", False) for cb in trainer.callbacks):
             raise ValueError(
                 "MergeAdapters cannot export from FSDP1 flat parameters (use_orig_params=False); use "
                 "AdapterFSDP2Strategy, or export afterwards from a full checkpoint"
@@ -75,5 +75,5 @@ class AdapterFSDP1Strategy(AdapterStrategyMixin, FSDPStrategy):
         if self.activation_checkpointing:
             names = set(self.block_classes or block_class_names(self.lightning_module))
             blocks = {type(m) for m in self.lightning_module.modules() if type(m).__name__ in names}
-            self._activation_checkpointing_kwargs = {"check_fn": lambda m: type(m) in blocks}
+            set_activation_checkpointing_kwargs(self, {"check_fn": lambda m: type(m) in blocks})
         super().setup(trainer)

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import Tensor, nn
 
+from lightning_ft.modeling import enable_activation_checkpointing, hf_models
+
 
 # ---- finding blocks --------------------------------------------------------------------------------------------
 def plain_class(module: nn.Module) -> type:
@@ -24,19 +26,6 @@ def plain_class(module: nn.Module) -> type:
     from torch.distributed.fsdp import FSDPModule
 
     return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
-
-
-def hf_models(module: nn.Module) -> list[nn.Module]:
-    """The outermost Hugging Face models (modules with ``_no_split_modules``) inside ``module``, itself included."""
-    found: list[str] = []
-    models = []
-    for name, m in module.named_modules():
-        if hasattr(m, "_no_split_modules") and hasattr(m, "config") and not any(
-            name.startswith(f"{n}.") or not n for n in found
-        ):
-            found.append(name)
-            models.append(m)
-    return models
 
 
 def block_class_names(module: nn.Module) -> set[str]:
@@ -72,18 +61,6 @@ def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in module.parameters())
-
-
-def enable_activation_checkpointing(model: nn.Module) -> None:
-    """Hugging Face's non-reentrant activation checkpointing (module names stay unchanged, unlike
-    ``checkpoint_wrapper``, so state-dict keys and adapter names do not move)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise ValueError(f"{type(model).__name__} has no activation checkpointing switch (not a Hugging Face model)")
 
 
 def parallelize(

@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 data: $(DATA)
 
 $(DATA): $(STAMP)
-	$(PY) -m lightning_ft.data.mr --out data/mr
+	$(PY) -m lightning_ft_examples.mr --out data/mr
 
 demo: setup data
 	$(PY) recipes/mr_main_job.py --config recipes/smollm2_mr_lora.yaml

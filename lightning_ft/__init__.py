@@ -1,6 +1,6 @@
 """lightning-ft: PyTorch Lightning plugins for fine-tuning language models.
 
-Public names are imported on first use, so light entry points (``python -m lightning_ft.data.mr``) start fast.
+Public names are imported on first use, so light entry points (``lightning-ft prepare-mr``) start fast.
 """
 
 from lightning_ft._lazy import lazy_getattr

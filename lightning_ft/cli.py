@@ -2,10 +2,12 @@
 
     lightning-ft fit --config recipes/minilm_mr_sft.yaml [--trainer.max_epochs 3 ...]
     lightning-ft validate|test|predict --config ... --ckpt_path ...
-    lightning-ft prepare-mr [--out data/mr]
+    lightning-ft prepare-mr [--out data/mr]      (the MR example's data; see ``lightning_ft_examples.mr``)
 
-A recipe states the model once (``model.init_args.model_name_or_path``) and the data task once (``data.task``);
-the CLI links them to the data module's tokenizer and the module's task and labels. A classification recipe without
+A recipe states the model once (``model.init_args.model_name_or_path``) and the row format once (``data.format``:
+instruction, classification or text); the CLI links them to the data module's tokenizer and to the module's task
+(``causal_lm`` or ``classification``) and labels. ``data.task``, the former name of ``data.format``, is still
+accepted. A classification recipe without
 ``data.labels`` gets the label set inferred from the train split, exactly as ``FineTuneDataModule`` infers it.
 
 The modules build their own optimizer (AdamW with warm-up and decay, set by ``--model.init_args.learning_rate``,
@@ -36,7 +38,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import lightning_ft.strategies  # noqa: F401  registers --trainer.strategy adapter_ddp / adapter_fsdp2 / adapter_fsdp1
-from lightning_ft.data.datamodule import FineTuneDataModule, model_task_for
+from lightning_ft.data.datamodule import FineTuneDataModule, model_task_for, resolve_format
 from lightning_ft.modules.base import FineTuneModule
 
 DEBUG_ENV = "LIGHTNING_FT_DEBUG"
@@ -49,7 +51,7 @@ LINKED_MODULE_ARGS = ("task", "labels")
 def labels_for_model(data: FineTuneDataModule) -> list[str] | None:
     """The data module's label set. For classification without ``labels`` it is inferred from the train split now,
     by the data module itself, because the module needs it to build its classification head and metrics."""
-    if data.task == "classification" and data.labels is None:
+    if data.format == "classification" and data.labels is None:
         if data.sources.get("train") is None:
             raise ValueError(
                 "classification without `data.labels` infers the label set from the train split, and there is no "
@@ -83,9 +85,17 @@ class FineTuneCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer")
-        parser.link_arguments("data.task", "model.init_args.task", compute_fn=model_task_for)
+        # the row format decides the module's task; `data.task` is the format's former name, still accepted
+        parser.link_arguments(("data.format", "data.task"), "model.init_args.task", compute_fn=model_task_for)
         # on instantiation: an inferred label set exists only once the data module has read its train split
         parser.link_arguments("data", "model.init_args.labels", compute_fn=labels_for_model, apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """A config that uses the old key ``data.task`` is saved (``config.yaml``) with ``data.format`` instead."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        data = config.get("data")
+        if data is not None and data.get("task") is not None:
+            data["format"], data["task"] = resolve_format(data.get("format"), data.get("task")), None
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> FineTuneCLI:
@@ -108,10 +118,11 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> FineTuneCLI:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if args and args[0] == "prepare-mr":
-        from lightning_ft.data.mr import main as prepare_mr
+    if args and args[0] == "prepare-mr":  # the MR example's data preparation, kept out of the library
+        from lightning_ft_examples.mr import main as prepare_mr
 
-        prepare_mr(args[1:])
+        if prepare_mr(args[1:], prog="lightning-ft prepare-mr"):
+            raise SystemExit(1)
         return
     try:
         make_cli(argv)
@@ -210,7 +221,7 @@ def module_arguments_help() -> str:
         textwrap.fill(
             "Arguments of the method module: choose it with --model CLASS (or model.class_path in a config), then "
             "give its arguments as --model.init_args.NAME VALUE (or --model.NAME VALUE). Its task and labels come "
-            "from --data.task and --data.labels (labels inferred from the train split when not given).",
+            "from --data.format and --data.labels (labels inferred from the train split when not given).",
             width=79,
         )
     ]

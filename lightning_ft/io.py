@@ -276,7 +276,8 @@ def trainer_folders(trainer: Any) -> list[tuple[str, str]]:
 # ---- atomic writes -------------------------------------------------------------------------------------------------
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary folders ``.<name>.XXXXXXXX.tmp`` next to ``path`` that a killed write left behind
-    (only folders holding nothing but the library's own entries). Returns the removed folders."""
+    (only folders holding nothing but the library's own entries). A previous output parked there by a write killed
+    between its two renames is moved back to ``path`` first. Returns the removed folders."""
     path = user_path(path)
     parent = path.parent if str(path.parent) else Path(".")
     pattern = re.compile(rf"\.{re.escape(path.name)}\.{_TMP_RANDOM}\.tmp")
@@ -290,6 +291,9 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
             continue
         try:
             if set(os.listdir(entry.path)) <= {path.name, f"{path.name}.old"}:
+                old = Path(entry.path) / f"{path.name}.old"
+                if old.exists() and not os.path.lexists(path):  # killed between the two renames: put it back
+                    os.replace(old, path)
                 shutil.rmtree(entry.path)
                 removed.append(Path(entry.path))
         except OSError:

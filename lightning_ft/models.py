@@ -49,6 +49,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lightning_ft.cache import default_cache_dir
 from lightning_ft.file_checks import check_safetensors
 from lightning_ft.io import atomic_path
 
@@ -144,12 +145,6 @@ class ResolvedModel:
 
     path_or_id: str
     gguf_file: str | None = None
-
-
-def default_cache_dir() -> Path:
-    """Folder for converted models: ``$LIGHTNING_FT_CACHE``, else ``~/.cache/lightning_ft``."""
-    env = os.environ.get("LIGHTNING_FT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "lightning_ft"
 
 
 def resolve_model(name_or_path: str) -> ResolvedModel:

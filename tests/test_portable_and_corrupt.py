@@ -102,16 +102,17 @@ def test_packaged_model_adapter_records_hub_id_and_reloads_elsewhere(tmp_path, m
     assert str(default_cache_dir()) not in config_text and "site-packages" not in config_text
 
 
-def test_public_name_of_packaged_models_and_their_files():
+def test_public_name_of_packaged_models_and_their_files(tmp_path, monkeypatch):
     require_packaged(MINILM)
     folder = PACKAGED_MODELS[MINILM].path()
     assert public_name(MINILM) == public_name(str(folder)) == public_name(MINILM_HUB.lower()) == MINILM_HUB
     assert resolve_model(MINILM_HUB).path_or_id == str(folder.resolve())  # the hub id loads the packaged copy
     assert public_name("org/some-model") == "org/some-model"
-    if PACKAGED_MODELS[SMOLLM2].installed():  # the converted cache folder maps back to the hub id
-        cache = lft_models.gguf_cache_path(PACKAGED_MODELS[SMOLLM2].path())
-        if cache.is_dir():
-            assert public_name(str(cache)) == SMOLLM2_HUB
+    require_packaged(SMOLLM2)  # its converted cache folder (made here, empty, in a cache of its own) maps back too
+    monkeypatch.setenv("LIGHTNING_FT_CACHE", str(tmp_path / "cache"))
+    cache = lft_models.gguf_cache_path(PACKAGED_MODELS[SMOLLM2].path())
+    cache.mkdir(parents=True)
+    assert public_name(str(cache)) == SMOLLM2_HUB
 
 
 def test_local_folder_records_the_path_as_given(tmp_path, tiny_dir, monkeypatch):

@@ -68,3 +68,41 @@ def test_resume_with_other_training_data_is_refused(tokenizer, tmp_path):
     ckpt = str(tmp_path / "a" / "ckpt" / f"step={CKPT_STEP}.ckpt")
     with pytest.raises(ValueError, match=r"other training data \(num_examples: 20 -> 12\)"):
         fit(tokenizer, tmp_path / "b", "lora", ckpt_path=ckpt, max_train_examples=12)
+
+
+def test_resume_after_an_epoch_cut_short_by_limit_train_batches(tokenizer, tmp_path):
+    """``limit_train_batches=3`` of a 10-batch epoch, checkpoint at the epoch's last batch: the next epoch starts
+    afresh (its own order from the beginning), as in the unbroken run."""
+
+    def run(root, ckpt_path=None):
+        L.seed_everything(0, verbose=False)
+        module = make_module("lora", len(tokenizer))
+        data = FineTuneDataModule(tokenizer, task="instruction", train=varied_rows(20, longest=32), max_length=128,
+                                  batch_size=2)  # fmt: skip
+        checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
+        trainer = L.Trainer(
+            max_steps=7, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=root, limit_val_batches=0, limit_train_batches=3, callbacks=[checkpoints],
+        )  # fmt: skip
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    unbroken = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", ckpt_path=str(tmp_path / "a" / "ckpt" / "step=3.ckpt"))
+    for name, ref in unbroken.items():
+        torch.testing.assert_close(resumed[name], ref, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_checkpoint_inside_an_accumulation_window_warns(tokenizer, tmp_path):
+    """Validation (and its checkpoint) after batch 5 with accumulate_grad_batches=2 lies inside a window: warned."""
+    L.seed_everything(0, verbose=False)
+    module = make_module("lora", len(tokenizer))
+    data = FineTuneDataModule(tokenizer, task="instruction", train=varied_rows(20, longest=32),
+                              val=varied_rows(4, longest=4), max_length=128, batch_size=2)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, val_check_interval=5, accumulate_grad_batches=2, num_sanity_val_steps=0,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{step}-{epoch}")],
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="inside a gradient-accumulation window"):
+        trainer.fit(module, data)

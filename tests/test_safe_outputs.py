@@ -310,3 +310,20 @@ def test_overwrite_replaces_a_foreign_folder_after_a_fit_and_reruns_replace_own_
         AutoModelForCausalLM.from_pretrained(merged)
     info = json.loads((merged / MARKER).read_text())
     assert info["kind"] == "model" and "model.safetensors" in info["files"] and "config.json" in info["files"]
+
+
+def test_a_write_killed_between_its_two_renames_gives_the_old_output_back(tmp_path):
+    """Killed after the old folder was parked in the temporary folder and before the new one took its place: the
+    next write to the same path moves the old folder back before it cleans the temporary folder."""
+    import tempfile
+
+    from lightning_ft.io import remove_stale_temporaries
+
+    out = tmp_path / "merged"
+    tmp = Path(tempfile.mkdtemp(prefix=".merged.", suffix=".tmp", dir=tmp_path))
+    (tmp / "merged.old").mkdir()
+    (tmp / "merged.old" / "model.safetensors").write_text("previous output")
+    (tmp / "merged").mkdir()  # the new output, complete or not
+    assert remove_stale_temporaries(out) == [tmp]
+    assert (out / "model.safetensors").read_text() == "previous output"
+    assert not tmp.exists()

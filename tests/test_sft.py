@@ -195,3 +195,64 @@ def test_logits_only_at_target_positions_match_full_logits(tokenizer):
         torch.testing.assert_close(loss, expected[0], atol=1e-4, rtol=1e-5)
         scores = module.score_choices(batch, "val")
         assert scores.shape == (len(batch["choice_target"]), 2)
+
+
+def test_nan_loss_is_checked_at_the_logging_interval(tmp_path, tokenizer):
+    """No host sync per step: a NaN loss is noted on the device and raised every log_every_n_steps batches."""
+    model = tiny_llama(len(tokenizer))
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    module = SFTModule(model=model)
+    batches = LossRecorder()
+    with pytest.raises(FloatingPointError, match=r"train loss is nan at step 0\. Lower the learning rate"):
+        trainer(tmp_path, max_steps=10, log_every_n_steps=3, callbacks=[batches]).fit(module, lm_data(tokenizer))
+    assert len(batches.losses) == 3  # found at the third batch, not the first nor the tenth
+
+
+def test_nonfinite_loss_watch():
+    from lightning_ft.modules.base import NonFiniteLossWatch
+
+    watch = NonFiniteLossWatch()
+    watch.check("train")  # nothing seen
+    watch.update(torch.tensor(1.5), 0)
+    watch.check("train")
+    for step, value in enumerate([2.0, float("inf"), float("nan")], start=4):
+        watch.update(torch.tensor(value), step)
+    with pytest.raises(FloatingPointError, match="val loss is inf at step 5"):
+        watch.check("val")
+    watch.check("val")  # reset by the check
+
+
+def test_confusion_report_never_goes_to_the_current_directory(tmp_path, tokenizer, monkeypatch):
+    from lightning_ft.report import report_dir
+
+    monkeypatch.chdir(tmp_path)
+    bare = L.Trainer(logger=False, accelerator="cpu", devices=1)
+    assert bare.default_root_dir == str(tmp_path) and report_dir(bare) is None  # Lightning's fallback: the cwd
+    module = SFTModule(model=tiny_bert(len(tokenizer)), task="classification", labels=LABELS)
+    L.Trainer(logger=False, accelerator="cpu", devices=1, enable_progress_bar=False).test(module, cls_data(tokenizer))
+    assert not list(tmp_path.glob("confusion_matrix_*"))
+    run = tmp_path / "run"
+    assert report_dir(L.Trainer(logger=False, default_root_dir=run)) == run
+
+
+def test_token_throughput_counts_without_per_batch_syncs(tmp_path, tokenizer):
+    from lightning_ft.callbacks import TokenThroughput
+    from lightning_ft.callbacks.throughput import batch_tokens, count_tokens
+
+    class Masks(L.Callback):
+        def __init__(self):
+            self.tokens = 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.tokens += int(batch["attention_mask"].sum())
+
+    batch = {"attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}
+    assert isinstance(batch_tokens(batch), torch.Tensor) and count_tokens(batch) == 3
+    assert count_tokens({"input_ids": torch.zeros(2, 5)}) == 10 and count_tokens([1]) == 0
+    meter, masks = TokenThroughput(log_every=3), Masks()
+    trainer(tmp_path, max_steps=7, callbacks=[meter, masks]).fit(SFTModule(model=tiny_llama(len(tokenizer))), lm_data(tokenizer))
+    assert meter.tokens == masks.tokens > 0 and meter.seconds > 0 and meter.tokens_per_second > 0
+    assert meter.state_dict() == {"tokens": masks.tokens, "seconds": meter.seconds}
+    with pytest.raises(ValueError, match="log_every"):
+        TokenThroughput(log_every=0)

@@ -8,8 +8,8 @@ transformers 4.46 fixed with ``num_items_in_batch``.
 
 How. The module's ``training_step`` returns the *sum* of its loss terms (``reduction="sum"``). Lightning divides it
 by ``accumulate_grad_batches`` (A) and DDP / FSDP average the gradients over the W ranks, so after the last backward
-of a window each gradient is ``sum(grad of term) / (A * W)``. This callback counts the terms of every micro-batch in
-``on_train_batch_start`` (``count_targets(batch["labels"])``), all-reduces the window's count N in
+of a window each gradient is ``sum(grad of term) / (A * W)``. This callback counts the terms of every micro-batch
+(``count_targets(batch["labels"])``, kept when the micro-batch has a backward), all-reduces the window's count N in
 ``on_before_optimizer_step`` and multiplies the gradients by ``A * W / N``: they become ``sum(grad of term) / N``,
 exactly the gradient of one batch holding the whole window. ``on_before_optimizer_step`` runs after AMP unscaling and
 before gradient clipping, so clipping sees the exact gradient. ``train/loss`` is logged at the end of the window as
@@ -31,6 +31,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_ft.modules.objectives import count_targets, scale_gradients
@@ -61,11 +62,17 @@ class TokenMeanLoss(L.Callback):
         self.count_fn = count_fn or count_batch_targets
         self.log_name = log_name
         self.last_step_terms: int | None = None
-        self.last_step_loss: float | None = None
+        self._last_step_loss: Tensor | None = None  # on the device: read (a host sync) only when asked
         self._reset_window()
+
+    @property
+    def last_step_loss(self) -> float | None:
+        """The loss of the last optimizer step (its all-reduced loss sum over its global count of terms)."""
+        return None if self._last_step_loss is None else float(self._last_step_loss)
 
     def _reset_window(self) -> None:
         self._terms: Tensor | int = 0
+        self._pending: Tensor | int = 0
         self._loss_sum: Tensor | float = 0.0
         self._stepped = False
 
@@ -78,7 +85,20 @@ class TokenMeanLoss(L.Callback):
         self._reset_window()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._terms = self._terms + self.count_fn(batch)
+        self._pending = self.count_fn(batch)
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        # counted only when the micro-batch has a backward: a training_step that returns None adds no gradient
+        self._terms = self._terms + self._pending
+        self._pending = 0
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if not isinstance(self._terms, int) or self._terms:
+            rank_zero_warn(
+                "TokenMeanLoss: a checkpoint was saved inside a gradient-accumulation window (e.g. val_check_interval "
+                "is not a multiple of accumulate_grad_batches); the gradients accumulated so far are not in it, so a "
+                "resume from it is not exact. Save checkpoints at optimizer-step boundaries."
+            )
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         terms = torch.as_tensor(self._terms, device=pl_module.device, dtype=torch.long)
@@ -99,8 +119,9 @@ class TokenMeanLoss(L.Callback):
             return
         loss_sum = torch.as_tensor(self._loss_sum, device=pl_module.device, dtype=torch.float32)
         loss_sum = trainer.strategy.reduce(loss_sum, reduce_op="sum")
-        self.last_step_loss = float(loss_sum) / max(self.last_step_terms or 0, 1)
+        # a tensor, not a float: no host sync here (Lightning reads logged values at its logging interval)
+        self._last_step_loss = loss_sum / max(self.last_step_terms or 0, 1)
         if self.log_name:
-            pl_module.log(self.log_name, self.last_step_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+            pl_module.log(self.log_name, self._last_step_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
         self._loss_sum = 0.0
         self._stepped = False

@@ -1,4 +1,4 @@
-"""Data: sources, task formats, collation and packing, and the shared ``FineTuneDataModule``."""
+"""Data: sources, row formats, collation and packing, and the shared ``FineTuneDataModule``."""
 
 from lightning_ft._lazy import lazy_getattr
 
@@ -8,6 +8,8 @@ _EXPORTS = {
     "check_packing": "lightning_ft.data.packing",
     "FineTuneDataModule": "lightning_ft.data.datamodule",
     "model_task_for": "lightning_ft.data.datamodule",
+    "resolve_format": "lightning_ft.data.datamodule",
+    "FORMATS": "lightning_ft.data.datamodule",
 }
 __all__ = list(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import lightning as L
@@ -22,17 +23,32 @@ from lightning_ft.data.text import TextFormat
 
 log = logging.getLogger(__name__)
 
-Task = Literal["instruction", "classification", "text"]
-TASKS = ("instruction", "classification", "text")
-#: the model-side task each data task trains (used by the CLI to configure the module)
-MODEL_TASK = {"instruction": "causal_lm", "classification": "classification", "text": "causal_lm"}
+Format = Literal["instruction", "classification", "text"]
+#: the row formats, by name; each class names the model-side task it trains (``model_task``)
+FORMATS: dict[str, type[DataFormat]] = {
+    "instruction": InstructionFormat,
+    "classification": ClassificationFormat,
+    "text": TextFormat,
+}
+#: the default of ``format=``
+DEFAULT_FORMAT = "instruction"
 
 
-def model_task_for(task: str) -> str:
-    """``"instruction"`` / ``"text"`` -> ``"causal_lm"``; ``"classification"`` -> ``"classification"``."""
-    if task not in MODEL_TASK:
-        raise ValueError(f"unknown task {task!r}; choose one of {list(TASKS)}")
-    return MODEL_TASK[task]
+def resolve_format(format: str | None = None, task: str | None = None) -> str:
+    """The row format from ``format=`` and its older name ``task=`` (kept as an alias for existing code and
+    configs). ``task`` overrides a ``format`` left at its default; two different explicit values are refused."""
+    if task is not None and format not in (None, DEFAULT_FORMAT, task):
+        raise ValueError(f"format={format!r} and task={task!r} disagree; `task` is the old name of `format`, give one")
+    name = task if task is not None else (format or DEFAULT_FORMAT)
+    if name not in FORMATS:
+        raise ValueError(f"unknown format {name!r}; choose one of {list(FORMATS)}")
+    return name
+
+
+def model_task_for(format: str | None = None, task: str | None = None) -> str:
+    """The model-side task a row format trains: ``"instruction"`` / ``"text"`` -> ``"causal_lm"``,
+    ``"classification"`` -> ``"classification"`` (arguments as for :func:`resolve_format`)."""
+    return FORMATS[resolve_format(format, task)].model_task
 
 
 class FineTuneDataModule(L.LightningDataModule):
@@ -40,8 +56,9 @@ class FineTuneDataModule(L.LightningDataModule):
 
     Args:
         tokenizer: a tokenizer, or a model name / path / short name for ``lightning_ft.models.load_tokenizer``.
-        task: ``"instruction"`` (``messages`` or ``prompt`` / ``response`` columns), ``"classification"``
-            (``text``, optional ``text_pair``, ``label``) or ``"text"`` (a plain corpus cut into blocks).
+        format: how rows are read: ``"instruction"`` (``messages`` or ``prompt`` / ``response`` columns),
+            ``"classification"`` (``text``, optional ``text_pair``, ``label``) or ``"text"`` (a plain corpus cut
+            into blocks). The model-side task follows from it (``causal_lm`` or ``classification``).
         train, val, test, predict: a ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` path, a list of dicts or a
             ``datasets.Dataset``.
         val_fraction, test_fraction: when ``val`` / ``test`` are not given, cut them from ``train`` with ``seed``.
@@ -54,12 +71,14 @@ class FineTuneDataModule(L.LightningDataModule):
         group_by_length: batch training examples of similar length together (and evaluate longest first).
         pad_to_multiple_of: pad each batch's length up to a multiple of this (8 suits tensor cores).
         max_train_examples / max_eval_examples: keep only the first N rows of each split (after splitting).
+        task: the former name of ``format``, still accepted (``FineTuneDataModule(tok, task="classification")``,
+            ``data.task`` in a recipe); it overrides a ``format`` left at its default.
     """
 
     def __init__(
         self,
         tokenizer: str | PreTrainedTokenizerBase,
-        task: Task = "instruction",
+        format: Format = DEFAULT_FORMAT,
         train: Source | None = None,
         val: Source | None = None,
         test: Source | None = None,
@@ -86,12 +105,13 @@ class FineTuneDataModule(L.LightningDataModule):
         label_column: str = "label",
         max_train_examples: int | None = None,
         max_eval_examples: int | None = None,
+        task: Format | None = None,
     ) -> None:
         super().__init__()
-        model_task_for(task)
+        format = resolve_format(format, task)
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
-        if packing and task == "classification":
+        if packing and format == "classification":
             raise ValueError("packing applies to causal-LM tasks ('instruction', 'text'), not 'classification'")
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -99,15 +119,15 @@ class FineTuneDataModule(L.LightningDataModule):
         for name, value in (("max_train_examples", max_train_examples), ("max_eval_examples", max_eval_examples)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 (or None for all rows), got {value!r}")
-        if labels is not None and task == "classification":
+        if labels is not None and format == "classification":
             check_label_names(labels)  # refuses a string, an empty list and duplicate names
-        # "task" is saved as "data_task": Lightning merges module and data hparams for loggers and refuses a key
-        # with two values, and the module's task ("causal_lm") differs from the data task ("instruction")
+        # the alias `task` is not saved: Lightning merges module and data hparams for loggers and refuses a key with
+        # two values, and the module's `task` ("causal_lm") is another thing than the row format ("instruction")
         self.save_hyperparameters(ignore=["tokenizer", "train", "val", "test", "predict", "task"])
-        self.hparams["data_task"] = task
+        self.hparams["format"] = format
         self._tokenizer = tokenizer
         self.sources = {"train": train, "val": val, "test": test, "predict": predict}
-        self.task = task
+        self.format = format
         self.labels = list(labels) if labels is not None else None
         self.max_length = max_length
         self.batch_size = batch_size
@@ -127,7 +147,17 @@ class FineTuneDataModule(L.LightningDataModule):
         )  # fmt: skip
         self.max_examples = {"train": max_train_examples, "val": max_eval_examples, "test": max_eval_examples}
         self.splits: dict[str, EncodedSplit] = {}
-        self.format: DataFormat | None = None
+        self.row_format: DataFormat | None = None  # built from `format` at set-up
+
+    @property
+    def task(self) -> str:
+        """The former name of :attr:`format` (read-only)."""
+        return self.format
+
+    @property
+    def model_task(self) -> str:
+        """The model-side task these rows train: ``"causal_lm"`` or ``"classification"``."""
+        return FORMATS[self.format].model_task
 
     # ---- set-up ----------------------------------------------------------------------------------------------
     @property
@@ -140,10 +170,10 @@ class FineTuneDataModule(L.LightningDataModule):
 
     def make_format(self, rows: dict[str, list[dict]]) -> DataFormat:
         c = self.columns
-        if self.task == "instruction":
+        if self.format == "instruction":
             keys = ("prompt_column", "response_column", "messages_column", "choices_column", "system_prompt")
             return InstructionFormat(**{k: c[k] for k in keys})
-        if self.task == "text":
+        if self.format == "text":
             return TextFormat(c["text_column"])
         if self.labels is None:
             if "train" not in rows:
@@ -177,12 +207,12 @@ class FineTuneDataModule(L.LightningDataModule):
         if self.splits:
             return
         rows = self.read_splits()
-        self.format = self.make_format(rows)
+        self.row_format = self.make_format(rows)
         for name, split_rows_ in rows.items():
             if name == "predict":
-                self.splits[name] = self.format.encode_for_predict(split_rows_, self.tokenizer, self.max_length)
+                self.splits[name] = self.row_format.encode_for_predict(split_rows_, self.tokenizer, self.max_length)
             else:
-                self.splits[name] = self.format.encode(split_rows_, self.tokenizer, self.max_length, name)
+                self.splits[name] = self.row_format.encode(split_rows_, self.tokenizer, self.max_length, name)
         if self.packing and "train" in self.splits:
             unpacked = self.splits["train"]
             packed = pack_examples(unpacked.examples, self.max_length, self.seed)
@@ -199,14 +229,9 @@ class FineTuneDataModule(L.LightningDataModule):
     def split_stats(self, name: str, split: EncodedSplit) -> dict[str, Any]:
         """Counts of one split; ``padding_fraction`` is estimated for one epoch batched as the loaders batch it."""
         lengths = [len(e["input_ids"]) for e in split.examples]
-        batch_size = self.batch_size if name == "train" else self.eval_batch_size
-        order = list(range(len(lengths)))
-        if name == "train" and self.group_by_length:
-            order = list(LengthGroupedSampler(lengths, batch_size, self.seed))
-        elif name in ("val", "test") and self.group_by_length:
-            order = sorted(order, key=lambda i: -lengths[i])
-        elif name == "train":
-            order = list(EpochShuffleSampler(len(lengths), self.seed))
+        batch_size = self.batch_size_of(name)
+        sampler = self.sample_order(name, lengths)
+        order = list(sampler) if sampler is not None else range(len(lengths))
         padded = 0
         for start in range(0, len(order), batch_size):
             chunk = [lengths[i] for i in order[start : start + batch_size]]
@@ -225,26 +250,31 @@ class FineTuneDataModule(L.LightningDataModule):
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
-    def _loader(self, name: str, shuffle: bool, padding_side: str = "right") -> DataLoader:
+    def batch_size_of(self, name: str) -> int:
+        return self.batch_size if name == "train" else self.eval_batch_size
+
+    def sample_order(self, name: str, lengths: list[int]) -> Iterable[int] | None:
+        """The order in which split ``name`` (examples of these token ``lengths``) is batched; ``None``: as stored.
+
+        The one definition used by the loaders and by :meth:`split_stats`. Training is shuffled, seeded per epoch
+        (``set_epoch``) so a resumed run sees the same order as an unbroken one, and length-grouped when asked;
+        with ``group_by_length`` val / test go longest first (metrics do not depend on the order; less padding).
+        """
+        if name == "train":
+            if self.group_by_length:
+                return LengthGroupedSampler(lengths, self.batch_size_of(name), self.seed)
+            return EpochShuffleSampler(len(lengths), self.seed)
+        if self.group_by_length and name in ("val", "test"):
+            return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        return None
+
+    def _loader(self, name: str, padding_side: str = "right") -> DataLoader:
         if name not in self.splits:
             raise RuntimeError(f"no {name} data: pass `{name}=` to FineTuneDataModule (or a {name}_fraction)")
         examples = self.splits[name].examples
-        batch_size = self.batch_size if name == "train" else self.eval_batch_size
-        sampler = None
-        if shuffle:  # seeded per epoch, so a resumed run sees the same order as an unbroken one
-            lengths = [len(e["input_ids"]) for e in examples]
-            if self.group_by_length:
-                sampler = LengthGroupedSampler(lengths, batch_size, self.seed)
-            else:
-                sampler = EpochShuffleSampler(len(examples), self.seed)
-            shuffle = False
-        elif self.group_by_length and name in ("val", "test"):
-            # metrics do not depend on the order, so evaluate longest first with little padding
-            sampler = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
         kwargs: dict[str, Any] = dict(
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
+            batch_size=self.batch_size_of(name),
+            sampler=self.sample_order(name, [len(e["input_ids"]) for e in examples]),
             collate_fn=Collator(self.pad_token_id, self.pad_to_multiple_of, padding_side),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -253,15 +283,19 @@ class FineTuneDataModule(L.LightningDataModule):
             return ResumableDataLoader(examples, consumed_batches=self._consumed_train_batches, **kwargs)
         return DataLoader(examples, **kwargs)
 
-    def _consumed_train_batches(self) -> int:
-        """Batches of the current epoch the Trainer has trained on (0 without a Trainer)."""
+    def _consumed_train_batches(self) -> int | None:
+        """Batches of the current epoch the Trainer has trained on (0 without a Trainer); ``None`` once the epoch is
+        over for the Trainer (``limit_train_batches`` can end it before the loader's end)."""
         trainer = getattr(self, "trainer", None)
-        return trainer.fit_loop.epoch_loop.batch_idx + 1 if trainer is not None else 0
+        if trainer is None:
+            return 0
+        consumed = trainer.fit_loop.epoch_loop.batch_idx + 1
+        return None if consumed >= trainer.num_training_batches else consumed
 
     def train_dataloader(self) -> DataLoader:
         if self.packing and self.packing_check:
             self.check_packing_on_model()
-        return self._loader("train", shuffle=True)
+        return self._loader("train")
 
     def check_packing_on_model(self) -> None:
         """Probe the Trainer's model (once per model): refuse packing when packed examples would attend to each other."""
@@ -285,12 +319,12 @@ class FineTuneDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if "val" not in self.splits:
             return []  # no validation data: Lightning skips validation
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         # generation continues after the prompt, so prompts are left-padded
-        side = "left" if self.format is not None and self.format.model_task == "causal_lm" else "right"
-        return self._loader("predict", shuffle=False, padding_side=side)
+        side = "left" if self.model_task == "causal_lm" else "right"
+        return self._loader("predict", padding_side=side)

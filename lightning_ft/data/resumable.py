@@ -23,7 +23,8 @@ class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` with ``state_dict`` / ``load_state_dict`` for mid-epoch resumption.
 
     Args:
-        consumed_batches: ``() -> int``, the batches of the current epoch already trained on (read at save time).
+        consumed_batches: ``() -> int | None``, the batches of the current epoch already trained on (read at save
+            time), ``None`` when the epoch is over (the next one starts afresh).
         Other arguments are ``DataLoader``'s. The sampler must give the same order for the same epoch every time.
     """
 
@@ -38,9 +39,10 @@ class ResumableDataLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         epochs = [getattr(s, "epoch", 0) for s in self._samplers()]
+        consumed = self.consumed_batches() if self.consumed_batches else 0
         return {
             "epoch": int(epochs[0]) if epochs else 0,
-            "batches": int(self.consumed_batches()) if self.consumed_batches else 0,
+            "batches": len(self) if consumed is None else int(consumed),
             "num_examples": len(self.dataset),
             "batch_size": int(self.batch_size or 0),
         }

@@ -55,7 +55,10 @@ def split_rows(rows: Rows, fractions: Sequence[float], seed: int) -> list[Rows]:
 
 def _read_file(path: Path, name: str) -> Rows:
     if not path.exists():
-        raise FileNotFoundError(f"{name}: file {path} does not exist (for MR, run `lightning-ft prepare-mr` first)")
+        where = "" if path.is_absolute() else f" in {Path.cwd()}"
+        raise FileNotFoundError(
+            f"{name}: file {path} does not exist{where}; check the path, or run the step that writes the file first"
+        )
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:

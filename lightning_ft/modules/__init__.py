@@ -1,8 +1,16 @@
-"""LightningModules: the shared base and one small file per method."""
+"""LightningModules: the shared base and one small file per method.
 
-from lightning_ft.modules.base import FineTuneModule
-from lightning_ft.modules.lora import LoRAModule
-from lightning_ft.modules.sft import SFTModule
-from lightning_ft.modules.sparse import SparseModule
+Imported on first use, so the pure-torch ``lightning_ft.modules.objectives`` loads without the modules (the callbacks
+use it, and the modules use the callbacks).
+"""
 
-__all__ = ["FineTuneModule", "LoRAModule", "SFTModule", "SparseModule"]
+from lightning_ft._lazy import lazy_getattr
+
+_EXPORTS = {
+    "FineTuneModule": "lightning_ft.modules.base",
+    "LoRAModule": "lightning_ft.modules.lora",
+    "SFTModule": "lightning_ft.modules.sft",
+    "SparseModule": "lightning_ft.modules.sparse",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -19,14 +18,16 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_ft import metrics as M
+from lightning_ft._compat import attached_trainer
 from lightning_ft.callbacks.token_loss import TokenMeanLoss
 from lightning_ft.io import write_text_atomic
+from lightning_ft.report import report_dir
+from lightning_ft.modeling import MODEL_INPUTS, enable_activation_checkpointing
 from lightning_ft.modules.objectives import next_token_targets, target_mask, token_sums
 from lightning_ft.scoring import score_choices as choice_logprobs
 from lightning_ft.modules.optim import decay_groups, warmup_decay
 
 ModelTask = Literal["causal_lm", "classification"]
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 STAGES = ("train", "val", "test")
 
 
@@ -100,6 +101,8 @@ class FineTuneModule(L.LightningModule):
             self.metrics = nn.ModuleDict({f"{s}_": M.CausalLMMetrics(f"{s}/") for s in STAGES})
         # multiple-choice scoring of causal-LM rows with `choices`; built at the first scored batch (K unknown before)
         self.choice_metrics: nn.ModuleDict | None = None
+        # a NaN / inf loss is noted on the device and raised at the logging interval: no host sync per step
+        self.loss_watch = {s: NonFiniteLossWatch() for s in STAGES}
 
     # ---- model -----------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -115,13 +118,14 @@ class FineTuneModule(L.LightningModule):
         # (Lightning's evaluation loops switch to eval mode themselves)
         self.model.train()
         if self.hparams.gradient_checkpointing and not getattr(self.model, "is_gradient_checkpointing", False):
-            enable_checkpointing(self.model)
+            enable_activation_checkpointing(self.model, input_grads=True)
 
     @property
     def tokenizer(self):
         """The data module's tokenizer when there is one, else the model's own."""
         if self._tokenizer is None:
-            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            trainer = attached_trainer(self)
+            dm = getattr(trainer, "datamodule", None) if trainer is not None else None
             if dm is not None and hasattr(dm, "tokenizer"):
                 self._tokenizer = dm.tokenizer
             else:
@@ -176,7 +180,7 @@ class FineTuneModule(L.LightningModule):
             logits = self.target_logits(batch, batch["labels"])
             loss, num_tokens, num_correct = token_sums(logits, next_token_targets(batch["labels"]))
             self.metrics[f"{stage}_"].update(loss.detach(), num_tokens, num_correct)
-        check_finite(loss, self.global_step, stage)
+        self.loss_watch[stage].update(loss, self.global_step)
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -208,13 +212,21 @@ class FineTuneModule(L.LightningModule):
         return scores
 
     # ---- epoch ends: compute, log, reset ---------------------------------------------------------------------
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # the non-finite loss check syncs with the device, so only every log_every_n_steps batches
+        if (batch_idx + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
+            self.loss_watch["train"].check("train")
+
     def on_train_epoch_end(self) -> None:
+        self.loss_watch["train"].check("train")
         self.log_stage_metrics("train")
 
     def on_validation_epoch_end(self) -> None:
+        self.loss_watch["val"].check("val")
         self.log_stage_metrics("val")
 
     def on_test_epoch_end(self) -> None:
+        self.loss_watch["test"].check("test")
         self.log_stage_metrics("test")
         if self.task == "classification":
             self.report_confusion("test")
@@ -244,10 +256,16 @@ class FineTuneModule(L.LightningModule):
             return
         matrix = self.confusion.compute()
         self.confusion.reset()
+        out = report_dir(self.trainer)  # on every rank: trainer.log_dir broadcasts
         if self.trainer.is_global_zero:
             table = M.confusion_table(matrix, self.labels)
             rank_zero_info(f"{stage} confusion matrix:\n{table}")
-            out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            if out is None:
+                rank_zero_info(
+                    f"lightning-ft: confusion_matrix_{stage}.md/.png not written: the Trainer has no logger and no "
+                    "default_root_dir, and reports are not written to the current directory; set either to keep them"
+                )
+                return
             write_text_atomic(out / f"confusion_matrix_{stage}.md", table + "\n")
             M.save_confusion_png(matrix, self.labels, out / f"confusion_matrix_{stage}.png", f"{stage} confusion matrix")
 
@@ -306,26 +324,46 @@ class FineTuneModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_start(self) -> None:
+        if not any(isinstance(cb, TokenMeanLoss) for cb in self.trainer.callbacks):
+            # training_step returns summed losses: without the callback the gradients would be sums, silently
+            raise RuntimeError(
+                f"{type(self).__name__} returns summed losses and needs the TokenMeanLoss callback, which "
+                "FineTuneModule.configure_callbacks returns: call super().configure_callbacks() in your override "
+                "(or add lightning_ft.callbacks.TokenMeanLoss() to the Trainer's callbacks)."
+            )
         trainable, total = count_parameters(self)
         rank_zero_info(
             f"lightning-ft: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
         )
 
 
-def enable_checkpointing(model: nn.Module) -> None:
-    """Turn on activation checkpointing (non-reentrant, so a frozen base still gets gradients to its adapters)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
+class NonFiniteLossWatch:
+    """Notes the first NaN / inf loss of a stage on the loss's device, without a host sync; :meth:`check` raises it
+    (one sync). ``FineTuneModule`` checks training every ``trainer.log_every_n_steps`` batches and at the epoch's end,
+    evaluation at the epoch's end: a bad loss is reported at most that many batches late."""
 
+    def __init__(self) -> None:
+        self.seen: Tensor | None = None  # bool: a non-finite loss was seen
+        self.loss: Tensor | None = None  # the first one
+        self.step: Tensor | None = None  # and its global step
 
-def check_finite(loss: Tensor, step: int, stage: str) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"{stage} loss is {loss.item()} at step {step}. Lower the learning rate, use precision='bf16-mixed' "
-            "instead of '16-mixed', or check the data (e.g. labels outside the vocabulary)."
-        )
+    def update(self, loss: Tensor, step: int) -> None:
+        loss = loss.detach().float().reshape(())
+        if self.seen is None or self.seen.device != loss.device:
+            self.seen = torch.zeros((), dtype=torch.bool, device=loss.device)
+            self.loss = torch.zeros((), device=loss.device)
+            self.step = torch.zeros((), dtype=torch.long, device=loss.device)
+        first = ~torch.isfinite(loss) & ~self.seen
+        self.loss = torch.where(first, loss, self.loss)
+        self.step = torch.where(first, torch.full_like(self.step, step), self.step)
+        self.seen = self.seen | first
+
+    def check(self, stage: str) -> None:
+        """Raise ``FloatingPointError`` when a non-finite loss was seen since the last check."""
+        seen, loss, step = self.seen, self.loss, self.step
+        self.seen = self.loss = self.step = None
+        if seen is not None and bool(seen):  # the host sync
+            raise FloatingPointError(
+                f"{stage} loss is {loss.item()} at step {int(step)}. Lower the learning rate, use "
+                "precision='bf16-mixed' instead of '16-mixed', or check the data (e.g. labels outside the vocabulary)."
+            )

@@ -36,6 +36,7 @@ from typing import Any, NoReturn
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
 
 import lightning_ft.strategies  # noqa: F401  registers --trainer.strategy adapter_ddp / adapter_fsdp2 / adapter_fsdp1
 from lightning_ft.data.datamodule import FineTuneDataModule, model_task_for, resolve_format
@@ -64,6 +65,7 @@ def labels_for_model(data: FineTuneDataModule) -> list[str] | None:
 class FineTuneArgumentParser(LightningArgumentParser):
     """``LightningArgumentParser`` whose errors are one paragraph and whose help lists the modules' arguments."""
 
+    @override
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG") or os.environ.get(DEBUG_ENV):
             super().error(message, ex)
@@ -73,6 +75,7 @@ class FineTuneArgumentParser(LightningArgumentParser):
         sys.stderr.write(f"{prog}: error: {condense_error(message)} Run `{prog} --help` for the accepted options.\n")
         self.exit(2)
 
+    @override
     def format_help(self, *args: Any, **kwargs: Any) -> str:
         text = super().format_help(*args, **kwargs)
         if any(a.dest == "model" for a in self._actions) and not getattr(self, "_inner_parser", False):
@@ -83,6 +86,7 @@ class FineTuneArgumentParser(LightningArgumentParser):
 class FineTuneCLI(LightningCLI):
     """LightningCLI with the links between the data module and the method module."""
 
+    @override
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer")
         # the row format decides the module's task; `data.task` is the format's former name, still accepted
@@ -90,6 +94,7 @@ class FineTuneCLI(LightningCLI):
         # on instantiation: an inferred label set exists only once the data module has read its train split
         parser.link_arguments("data", "model.init_args.labels", compute_fn=labels_for_model, apply_on="instantiate")
 
+    @override
     def before_instantiate_classes(self) -> None:
         """A config that uses the old key ``data.task`` is saved (``config.yaml``) with ``data.format`` instead."""
         config = self.config[self.subcommand] if self.subcommand else self.config

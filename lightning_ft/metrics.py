@@ -21,6 +21,7 @@ from torchmetrics.classification import (
     MulticlassPrecision,
     MulticlassRecall,
 )
+from typing_extensions import override
 
 
 class Perplexity(Metric):
@@ -33,10 +34,12 @@ class Perplexity(Metric):
         self.add_state("nll", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    @override
     def update(self, nll_sum: Tensor, num_tokens: Tensor) -> None:
         self.nll += nll_sum.detach().double()
         self.tokens += num_tokens.detach().long()
 
+    @override
     def compute(self) -> Tensor:
         return torch.exp(self.nll / self.tokens.clamp(min=1)).float()
 
@@ -51,10 +54,12 @@ class TokenAccuracy(Metric):
         self.add_state("correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    @override
     def update(self, num_correct: Tensor, num_tokens: Tensor) -> None:
         self.correct += num_correct.detach().long()
         self.total += num_tokens.detach().long()
 
+    @override
     def compute(self) -> Tensor:
         return self.correct.float() / self.total.clamp(min=1)
 

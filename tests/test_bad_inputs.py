@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import instruction_rows, sentiment_rows
+from helpers import instruction_rows, sentiment_rows
 
 from lightning_ft import FineTuneDataModule
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import require_mr, require_packaged, sentiment_rows, tiny_bert
+from helpers import require_mr, require_packaged, sentiment_rows, tiny_bert
 
 from lightning_ft.cli import main, make_cli
 
@@ -64,7 +64,7 @@ def test_fit_smollm2_recipe_with_overrides(tmp_path):
 
 def test_links_model_name_task_and_labels(tmp_path, tokenizer):
     """The recipe states the model and the data task once; the CLI fills in the rest."""
-    from conftest import sentiment_rows
+    from helpers import sentiment_rows
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(8)))

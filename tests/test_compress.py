@@ -7,7 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import instruction_rows, tiny_bert, tiny_llama
+from helpers import instruction_rows, tiny_bert, tiny_llama
 from torch import nn
 
 from lightning_ft import FineTuneDataModule

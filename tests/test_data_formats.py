@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import instruction_rows, sentiment_rows
+from helpers import instruction_rows, sentiment_rows
 
 from lightning_ft.data.classification import ClassificationFormat, infer_labels
 from lightning_ft.data.instruction import InstructionFormat, render_plain

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import instruction_rows, sentiment_rows
+from helpers import instruction_rows, sentiment_rows
 
 from lightning_ft.data import datamodule as dm_module
 from lightning_ft.data.datamodule import FineTuneDataModule
@@ -411,7 +411,7 @@ def test_length_grouped_sampler() -> None:
 
 def test_train_order_depends_only_on_seed_and_epoch(tokenizer) -> None:
     """Resuming needs the same order as an unbroken run: the global RNG must not change it."""
-    from conftest import sentiment_rows
+    from helpers import sentiment_rows
 
     from lightning_ft import FineTuneDataModule
 
@@ -428,7 +428,7 @@ def test_train_order_depends_only_on_seed_and_epoch(tokenizer) -> None:
 
 
 def test_fit_without_validation_data_skips_validation(tokenizer) -> None:
-    from conftest import sentiment_rows
+    from helpers import sentiment_rows
 
     from lightning_ft import FineTuneDataModule
 

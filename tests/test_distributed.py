@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama, varied_rows
+from helpers import tiny_bert, tiny_llama, varied_rows
 from safetensors.torch import load_file
 
 from lightning_ft.lora import inject_lora, merge_lora, merged_state_dict, save_peft_adapter

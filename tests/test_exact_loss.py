@@ -11,7 +11,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import instruction_rows, quick_trainer, sentiment_rows, tiny_bert, tiny_llama, varied_rows
+from helpers import instruction_rows, quick_trainer, sentiment_rows, tiny_bert, tiny_llama, varied_rows
 
 from lightning_ft import FineTuneDataModule, LoRAModule, SFTModule, SparseModule
 from lightning_ft.callbacks.token_loss import TokenMeanLoss

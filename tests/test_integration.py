@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import require_mr, require_packaged
+from helpers import require_mr, require_packaged
 
 from lightning_ft import FineTuneDataModule, SFTModule
 from lightning_ft.report import majority_baseline

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama
+from helpers import tiny_bert, tiny_llama
 from torch import nn
 
 from lightning_ft.lora import LoRALinear, inject_lora, lora_layers, lora_state_dict, merge_lora, unmerge_lora

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import (
+from helpers import (
     LogitsAtFitEnd, LossRecorder, eval_logits, instruction_rows, lm_data, quick_trainer, sentiment_rows, tiny_bert,
     tiny_llama,
 )

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama
+from helpers import tiny_bert, tiny_llama
 
 from lightning_ft.lora import LoRALinear, inject_lora, load_peft_adapter, lora_layers, merge_lora, save_peft_adapter
 

@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 from torch import nn
 
 from lightning_ft import LoRAModule, SparseModule

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import instruction_rows, tiny_llama
+from helpers import instruction_rows, tiny_llama
 
 from lightning_ft.data.collate import IGNORE_INDEX, Collator
 from lightning_ft.data.packing import pack_examples
@@ -74,7 +74,7 @@ def test_packing_rejects_classification():
 
 @pytest.mark.integration
 def test_packing_matches_unpacked_logits_smollm2():
-    from conftest import require_packaged
+    from helpers import require_packaged
 
     require_packaged("smollm2-135m-instruct")
     from lightning_ft.models import load_model, load_tokenizer
@@ -135,7 +135,7 @@ def test_each_architecture_packs_exactly_or_is_refused(tokenizer, arch):
 
 
 def test_fit_with_packing_on_a_leaking_model_stops_before_training(tokenizer, tmp_path):
-    from conftest import quick_trainer
+    from helpers import quick_trainer
 
     from lightning_ft import FineTuneDataModule, SFTModule
     from lightning_ft.data.packing import PackingError

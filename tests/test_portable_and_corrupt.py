@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import lm_data, quick_trainer, require_packaged, tiny_llama
+from helpers import lm_data, quick_trainer, require_packaged, tiny_llama
 
 from lightning_ft import SFTModule
 from lightning_ft import models as lft_models

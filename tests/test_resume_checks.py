@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import lm_data, quick_trainer, tiny_llama
+from helpers import lm_data, quick_trainer, tiny_llama
 
 from lightning_ft.callbacks import LoRA, LowRankCompression, SparseMask
 from lightning_ft.resume_checks import base_fingerprint, check_before_load, compare_fingerprints

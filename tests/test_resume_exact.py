@@ -7,7 +7,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_llama, varied_rows
+from helpers import tiny_llama, varied_rows
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_ft import FineTuneDataModule, LoRAModule, SFTModule, SparseModule

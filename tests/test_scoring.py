@@ -7,7 +7,7 @@ import torch
 
 from lightning_ft.data.collate import Collator
 from lightning_ft.scoring import score_choices
-from tests.conftest import require_packaged, tiny_llama
+from helpers import require_packaged, tiny_llama
 
 
 def reference_scores(model, prompts: list[list[int]], choices: list[list[list[int]]]) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import LossRecorder, instruction_rows, sentiment_rows, tiny_bert, tiny_llama
+from helpers import LossRecorder, instruction_rows, sentiment_rows, tiny_bert, tiny_llama
 
 from lightning_ft import FineTuneDataModule, SFTModule
 from lightning_ft.modules.optim import decay_groups, warmup_decay

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from helpers import tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 

@@ -49,6 +49,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from lightning_ft._compat import stage_dataloader
 from lightning_ft.callbacks.surgery import init_defaults, public_path
@@ -121,6 +122,7 @@ class LowRankCompression(L.Callback):
         return self.config.settings()
 
     # ---- the one-shot configure_model wrapper -----------------------------------------------------------------
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if any(isinstance(cb, LowRankCompression) and cb is not self for cb in trainer.callbacks):
             raise RuntimeError("more than one LowRankCompression callback in the Trainer; compress once")
@@ -164,10 +166,12 @@ class LowRankCompression(L.Callback):
             if cb is not self and _patch_owner(cb, module) and cb._patched[1] is wrapper:
                 cb._patched = (module, previous, *cb._patched[2:])
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._unpatch()
         self._unregister()
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._unpatch()
         self._unregister()
@@ -219,6 +223,7 @@ class LowRankCompression(L.Callback):
         return run
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
+    @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if low_rank_layers(pl_module):
             config = plain(self.settings)

@@ -24,6 +24,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from typing_extensions import override
 
 from lightning_ft.callbacks.surgery import ModelSurgery
 from lightning_ft.lora import inject_lora, lora_layers, lora_state_dict
@@ -100,6 +101,7 @@ class LoRA(ModelSurgery):
         return {name: getattr(self.config, name) for name in LoRAConfig.field_names()}
 
     # ---- injection -------------------------------------------------------------------------------------------
+    @override
     def inject_into(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Inject (or keep what this configuration injected before), then prepare checkpointing and loading."""
         marker = getattr(pl_module, MARKER, None)
@@ -126,6 +128,7 @@ class LoRA(ModelSurgery):
         if lora_layers(pl_module):
             self.relax_strict_loading(pl_module)  # adapter-only checkpoints; on_load_checkpoint checks the keys
 
+    @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if self._evaluating_merged and checkpoint.get(self.checkpoint_key, {}).get("adapter_only"):
             raise RuntimeError(
@@ -135,15 +138,19 @@ class LoRA(ModelSurgery):
             )
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
+    @override
     def is_applied(self, pl_module: L.LightningModule) -> bool:
         return bool(lora_layers(pl_module)) and getattr(pl_module, MARKER, None) is not None
 
+    @override
     def state_keys(self, pl_module: L.LightningModule) -> list[str]:
         return adapter_state_keys(pl_module)
 
+    @override
     def checkpoint_config(self) -> dict[str, Any]:
         return self.config.to_dict()
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # a module may turn activation checkpointing on after configure_model (e.g. in on_fit_start)
         if lora_layers(pl_module):

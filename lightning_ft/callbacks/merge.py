@@ -29,6 +29,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_ft.callbacks.surgery import ModelSurgery
 from lightning_ft.io import (
@@ -224,6 +225,7 @@ class MergeAdapters(L.Callback):
         self.base_model_name_or_path = base_model_name_or_path
         self.overwrite = overwrite
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Refuse unsafe output folders now, before training (global rank 0 checks, every rank raises)."""
         if stage != "fit":
@@ -241,6 +243,7 @@ class MergeAdapters(L.Callback):
         if problem:
             raise OutputPathError(f"MergeAdapters: {problem}")
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         write = trainer.is_global_zero
         export_adapters(

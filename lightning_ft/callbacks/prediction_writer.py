@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
+from typing_extensions import override
 
 from lightning_ft.io import check_output, user_path, write_jsonl_atomic
 
@@ -47,11 +48,13 @@ class PredictionWriter(BasePredictionWriter):
             self._given, "output_path", is_own=is_own_predictions, folder=False, overwrite=self.overwrite
         )
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "predict":
             self._check()
 
+    @override
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any) -> None:
         flat = [p for batch in predictions for p in batch]
         write_jsonl_atomic(self._check(), [{"index": i, "prediction": p} for i, p in enumerate(flat)])

@@ -37,6 +37,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_ft._compat import train_dataloader
 from lightning_ft.callbacks.surgery import ModelSurgery
@@ -139,6 +140,7 @@ class SparseMask(ModelSurgery):
         return self.config.selection()
 
     # ---- selection and injection ------------------------------------------------------------------------------
+    @override
     def inject_into(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Select and inject (or keep what these settings injected before), then prepare checkpoints."""
         marker = getattr(pl_module, MARKER, None)
@@ -208,26 +210,32 @@ class SparseMask(ModelSurgery):
         with torch.random.fork_rng(devices=cuda), calibration_mode(pl_module), precision:
             return select_sparse(pl_module, **kwargs, batches=batches(), loss_fn=lambda b: loss_fn(pl_module, b))
 
+    @override
     def is_applied(self, pl_module: L.LightningModule) -> bool:
         marker = getattr(pl_module, MARKER, None)
         if marker is None:
             return False
         return bool(sparse_layers(pl_module)) or marker["config"]["criterion"] == "bitfit"
 
+    @override
     def state_keys(self, pl_module: L.LightningModule) -> list[str]:
         return sparse_state_keys(pl_module)
 
+    @override
     def checkpoint_config(self) -> dict[str, Any]:
         """Every setting (``loss_fn`` aside): the selection settings plus the re-selection ones."""
         return self.config.to_dict()
 
+    @override
     def export_metadata(self) -> dict[str, Any]:
         """``sparse_config.json``'s ``selection``: the settings that chose the exported entries."""
         return {"selection": self.settings}
 
+    @override
     def fixed_shape(self, key: str) -> bool:
         return not key.endswith((".indices", ".values"))  # a layer re-sizes itself to the checkpoint's selection
 
+    @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
         saved = (checkpoint.get(self.checkpoint_key) or {}).get("config") or {}
@@ -237,6 +245,7 @@ class SparseMask(ModelSurgery):
             )
 
     # ---- training: gradient masking and re-selection ----------------------------------------------------------
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         layers = sparse_layers(pl_module)
         if self.config.mode == "mask" and layers:
@@ -255,16 +264,19 @@ class SparseMask(ModelSurgery):
             self._pending_accumulators = {}
         self._last_step = trainer.global_step
 
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.reselection is not None and self.reselection.in_window(trainer.global_step + 1):
             self.reselection.start()
 
+    @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         if self.reselection is not None:
             self.reselection.add_dense_gradients()  # mask mode: before masking
         if self.masker is not None:
             self.masker.mask_gradients()
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if step == self._last_step:  # no optimizer step in this batch (gradient accumulation)
@@ -279,6 +291,7 @@ class SparseMask(ModelSurgery):
         metrics = {f"sparse/{k}": float(v) for k, v in logs.items()}
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.masker is not None:
             self.masker.detach()
@@ -288,10 +301,12 @@ class SparseMask(ModelSurgery):
             self.reselection = None
         super().teardown(trainer, pl_module, stage)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         accumulators = self.reselection.state_dict() if self.reselection is not None else {}
         return {"accumulators": accumulators, "history": list(self.history)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_accumulators = dict(state_dict.get("accumulators") or {})
         self.history = list(state_dict.get("history") or [])

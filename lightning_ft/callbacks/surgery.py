@@ -52,6 +52,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_ft._compat import get_strict_loading, set_strict_loading
 from lightning_ft.resume_checks import (
@@ -123,6 +124,7 @@ class ModelSurgery(L.Callback):
         return True
 
     # ---- the one-shot configure_model wrapper -----------------------------------------------------------------
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_checkpoints(trainer)  # a damaged ckpt_path: its path and a remedy, not torch's EOFError
         if any(isinstance(cb, type(self)) and cb is not self for cb in trainer.callbacks):
@@ -171,6 +173,7 @@ class ModelSurgery(L.Callback):
             unregister_check(self._checking[0], self.checkpoint_key)
             self._checking = None
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._unpatch()
         self._unregister()
@@ -179,10 +182,12 @@ class ModelSurgery(L.Callback):
             set_strict_loading(module, value)
             self._relaxed = None
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, trainer.state.fn or "fit")
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
+    @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if not self.is_applied(pl_module):
             return
@@ -289,6 +294,7 @@ class ModelSurgery(L.Callback):
         shown = [f"{k} {tuple(saved[k])} -> {tuple(now[k])}" for k in reshaped]
         return [f"tensor shapes: {len(reshaped)} of {len(saved)} saved tensors differ: {listing(shown, 2)}"]
 
+    @override
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # runs after Lightning loaded the state dict non-strictly (see the module docstring): check the keys here
         if self._relaxed is None or "state_dict" not in checkpoint:

@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 
 def batch_tokens(batch: Any) -> Tensor | int:
@@ -72,6 +73,7 @@ class TokenThroughput(L.Callback):
         self._pending = 0
         self._start = None
 
+    @override
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -80,6 +82,7 @@ class TokenThroughput(L.Callback):
             _synchronize(self._device)
             self._start = time.perf_counter()
 
+    @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -90,16 +93,20 @@ class TokenThroughput(L.Callback):
             self._start = time.perf_counter()  # the device is idle now: the next interval starts here
             pl_module.log("train/tokens_per_s", self.tokens_per_second, on_step=True, on_epoch=False)
 
+    @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._flush()  # validation time does not count
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._flush()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         self._flush()  # a checkpoint holds the totals so far (the next interval restarts at the next batch)
         return {"tokens": self.tokens, "seconds": self.seconds}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tokens = state_dict["tokens"]
         self.seconds = state_dict["seconds"]

@@ -33,6 +33,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_ft.modules.objectives import count_targets, scale_gradients
 
@@ -76,6 +77,7 @@ class TokenMeanLoss(L.Callback):
         self._loss_sum: Tensor | float = 0.0
         self._stepped = False
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and not pl_module.automatic_optimization:
             raise RuntimeError(
@@ -84,14 +86,17 @@ class TokenMeanLoss(L.Callback):
             )
         self._reset_window()
 
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._pending = self.count_fn(batch)
 
+    @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         # counted only when the micro-batch has a backward: a training_step that returns None adds no gradient
         self._terms = self._terms + self._pending
         self._pending = 0
 
+    @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if not isinstance(self._terms, int) or self._terms:
             rank_zero_warn(
@@ -100,6 +105,7 @@ class TokenMeanLoss(L.Callback):
                 "resume from it is not exact. Save checkpoints at optimizer-step boundaries."
             )
 
+    @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         terms = torch.as_tensor(self._terms, device=pl_module.device, dtype=torch.long)
         total = int(trainer.strategy.reduce(terms, reduce_op="sum").item())
@@ -109,6 +115,7 @@ class TokenMeanLoss(L.Callback):
         self._terms = 0
         self._stepped = True
 
+    @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

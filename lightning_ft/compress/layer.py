@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 #: names of the two factors inside a ``LowRankLinear``
 FACTOR_NAMES = ("first", "second")
@@ -89,9 +90,11 @@ class LowRankLinear(nn.Module):
         dense.requires_grad_(w.requires_grad)
         return dense
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.second(self.first(x))
 
+    @override
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 

@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
+from typing_extensions import override
 
 from lightning_ft.data.classification import ClassificationFormat, check_label_names, infer_labels
 from lightning_ft.data.collate import Collator
@@ -203,6 +204,7 @@ class FineTuneDataModule(L.LightningDataModule):
                 rows[name] = rows[name][:limit]
         return rows
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
@@ -292,6 +294,7 @@ class FineTuneDataModule(L.LightningDataModule):
         consumed = trainer.fit_loop.epoch_loop.batch_idx + 1
         return None if consumed >= trainer.num_training_batches else consumed
 
+    @override
     def train_dataloader(self) -> DataLoader:
         if self.packing and self.packing_check:
             self.check_packing_on_model()
@@ -316,14 +319,17 @@ class FineTuneDataModule(L.LightningDataModule):
             check_packing(models[0])
             self._packing_checked = id(models[0])
 
+    @override
     def val_dataloader(self) -> DataLoader | list:
         if "val" not in self.splits:
             return []  # no validation data: Lightning skips validation
         return self._loader("val")
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         # generation continues after the prompt, so prompts are left-padded
         side = "left" if self.model_task == "causal_lm" else "right"

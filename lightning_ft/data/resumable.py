@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 
 class ResumableDataLoader(DataLoader):
@@ -57,6 +58,7 @@ class ResumableDataLoader(DataLoader):
             )
         self._resume = {"epoch": state_dict.get("epoch", 0), "batches": state_dict.get("batches", 0)}
 
+    @override
     def __iter__(self):
         resume, self._resume = self._resume, None
         if resume is None or resume["batches"] >= len(self):  # at an epoch's end the next one starts afresh

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
+from typing_extensions import override
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -25,6 +26,7 @@ class EpochShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_items
 
+    @override
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         yield from torch.randperm(self.num_items, generator=g).tolist()
@@ -43,6 +45,7 @@ class LengthGroupedSampler(EpochShuffleSampler):
         self.lengths = lengths
         self.mega = max(1, batch_size * mega_batch_mult)
 
+    @override
     def __iter__(self) -> Iterator[int]:
         perm = list(super().__iter__())
         for start in range(0, len(perm), self.mega):

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_ft.lora.config import INITS
 from lightning_ft.modeling import is_linear, linear_shape
@@ -139,6 +140,7 @@ class LoRALinear(nn.Module):
         target.data.copy_((w.T if self.fan_in_fan_out else w).to(target.dtype))
 
     # ---- forward ---------------------------------------------------------------------------------------------
+    @override
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)
         if self.merged:
@@ -177,6 +179,7 @@ class LoRALinear(nn.Module):
         self._write_base_weight(w - self.delta_weight())
         self.merged = False
 
+    @override
     def extra_repr(self) -> str:
         variant = ", rslora" if self.use_rslora else ""
         variant += ", dora" if self.use_dora else ""

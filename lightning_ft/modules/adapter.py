@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_ft.callbacks.merge import MergeAdapters
 from lightning_ft.method_config import MethodConfig
@@ -43,6 +44,7 @@ class AdapterModule(FineTuneModule):
         """A new instance of the method's callback, built from this module's settings."""
         raise NotImplementedError
 
+    @override
     def configure_callbacks(self) -> list[L.Callback]:
         self._method = self.method_callback()
         callbacks = [*super().configure_callbacks(), self._method]
@@ -53,6 +55,7 @@ class AdapterModule(FineTuneModule):
             )
         return callbacks
 
+    @override
     def configure_model(self) -> None:
         super().configure_model()
         if self._method is None or self.task != "classification" or self.config.modules_to_save is not None:

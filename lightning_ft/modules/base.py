@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
+from typing_extensions import override
 
 from lightning_ft import metrics as M
 from lightning_ft._compat import attached_trainer
@@ -105,6 +106,7 @@ class FineTuneModule(L.LightningModule):
         self.loss_watch = {s: NonFiniteLossWatch() for s in STAGES}
 
     # ---- model -----------------------------------------------------------------------------------------------
+    @override
     def configure_model(self) -> None:
         if self.model is None:
             from lightning_ft.models import load_model
@@ -134,6 +136,7 @@ class FineTuneModule(L.LightningModule):
                 self._tokenizer = load_tokenizer(self.model_name_or_path)
         return self._tokenizer
 
+    @override
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Logits: (B, T, V) for causal LM, (B, C) for classification."""
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
@@ -183,14 +186,17 @@ class FineTuneModule(L.LightningModule):
         self.loss_watch[stage].update(loss, self.global_step)
         return loss
 
+    @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """The summed loss of the micro-batch; ``TokenMeanLoss`` (from ``configure_callbacks``) rescales the
         gradients to the step's token-level mean and logs ``train/loss``."""
         return self.step(batch, "train")
 
+    @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.step(batch, "val")
 
+    @override
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.step(batch, "test")
 
@@ -212,19 +218,23 @@ class FineTuneModule(L.LightningModule):
         return scores
 
     # ---- epoch ends: compute, log, reset ---------------------------------------------------------------------
+    @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # the non-finite loss check syncs with the device, so only every log_every_n_steps batches
         if (batch_idx + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
             self.loss_watch["train"].check("train")
 
+    @override
     def on_train_epoch_end(self) -> None:
         self.loss_watch["train"].check("train")
         self.log_stage_metrics("train")
 
+    @override
     def on_validation_epoch_end(self) -> None:
         self.loss_watch["val"].check("val")
         self.log_stage_metrics("val")
 
+    @override
     def on_test_epoch_end(self) -> None:
         self.loss_watch["test"].check("test")
         self.log_stage_metrics("test")
@@ -270,6 +280,7 @@ class FineTuneModule(L.LightningModule):
             M.save_confusion_png(matrix, self.labels, out / f"confusion_matrix_{stage}.png", f"{stage} confusion matrix")
 
     # ---- prediction ------------------------------------------------------------------------------------------
+    @override
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[str]:
         """Predicted label names (classification) or generated answers (causal LM, greedy)."""
         if self.task == "classification":
@@ -283,18 +294,21 @@ class FineTuneModule(L.LightningModule):
         )  # fmt: skip
         return tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
+    @override
     def setup(self, stage: str) -> None:
         from lightning_ft.strategies.checkpoint_io import check_checkpoints
 
         check_checkpoints(self.trainer)  # a damaged ckpt_path: its path and a remedy, not torch's EOFError
 
     @classmethod
+    @override
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> FineTuneModule:
         from lightning_ft.file_checks import check_checkpoint
 
         check_checkpoint(checkpoint_path)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # before Lightning loads the state dict: a checkpoint that needs a method callback this run lacks names it
         from lightning_ft.resume_checks import check_before_load
@@ -302,6 +316,7 @@ class FineTuneModule(L.LightningModule):
         check_before_load(self, checkpoint)
 
     # ---- callbacks -------------------------------------------------------------------------------------------
+    @override
     def configure_callbacks(self) -> list[L.Callback]:
         """``TokenMeanLoss``: ``training_step`` returns summed losses (see ``step``)."""
         return [TokenMeanLoss()]
@@ -311,6 +326,7 @@ class FineTuneModule(L.LightningModule):
         """Parameter groups for AdamW; method modules override this (e.g. LoRA+ learning rates)."""
         return decay_groups(self.named_parameters(), self.hparams.weight_decay)
 
+    @override
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         groups = self.optimizer_param_groups()
@@ -323,6 +339,7 @@ class FineTuneModule(L.LightningModule):
         scheduler = LambdaLR(optimizer, warmup_decay(hp.scheduler, warmup, total, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    @override
     def on_fit_start(self) -> None:
         if not any(isinstance(cb, TokenMeanLoss) for cb in self.trainer.callbacks):
             # training_step returns summed losses: without the callback the gradients would be sums, silently

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from typing_extensions import override
 
 from lightning_ft.callbacks.lora import LoRA
 from lightning_ft.lora.config import LoRAConfig
@@ -60,9 +61,11 @@ class LoRAModule(AdapterModule):
         """The ``inject_lora`` / ``LoRA`` arguments of this module (``self.config`` as a dict)."""
         return self.config.to_dict()
 
+    @override
     def method_callback(self) -> LoRA:
         return LoRA(self.config, allow_config_change=self.hparams.get("allow_config_change", False))
 
+    @override
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
         ratio = self.hparams.loraplus_lr_ratio
         if ratio is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+from typing_extensions import override
 
 from lightning_ft.callbacks.sparse import SparseMask
 from lightning_ft.modules.adapter import AdapterModule
@@ -58,9 +59,11 @@ class SparseModule(AdapterModule):
         """The ``SparseMask`` arguments of this module (``self.config`` as a dict)."""
         return self.config.to_dict()
 
+    @override
     def method_callback(self) -> SparseMask:
         return SparseMask(self.config, allow_config_change=self.hparams.get("allow_config_change", False))
 
+    @override
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
         declared = adapter_param_names(self, "sparse")
         values = {n for n, group in declared.items() if group == "sparse_values"}

@@ -14,6 +14,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import override
 
 
 def effective_weight(weight: Tensor, indices: Tensor, values: Tensor) -> Tensor:
@@ -60,6 +61,7 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
+    @override
     def forward(ctx, x, weight, bias, indices, values, transposed: bool, accumulator: Tensor | None):
         w = effective_weight(weight, indices, values)
         ctx.save_for_backward(x, weight, indices, values)
@@ -68,6 +70,7 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
         return F.linear(x, w.T if transposed else w, bias)
 
     @staticmethod
+    @override
     def backward(ctx, grad_out: Tensor):
         x, weight, indices, values = ctx.saved_tensors
         need_x, need_w, need_b, _, need_v = ctx.needs_input_grad[:5]

@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_ft.modeling import is_linear, linear_shape
 from lightning_ft.sparse.delta import effective_weight, sparse_delta_linear
@@ -109,6 +110,7 @@ class SparseLinear(nn.Module):
             return self.values.detach().float()
         return self.base_layer.weight.detach().reshape(-1)[self.indices].float() - self.base_values.float()
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         if self.values is None:  # mask mode: the dense weight trains
             return self.base_layer(x)
@@ -126,11 +128,13 @@ class SparseLinear(nn.Module):
             self.values.zero_()
 
     # ---- state dict: indices and values only are needed to restore the layer over its pretrained base ------------
+    @override
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.values is None:
             destination[prefix + "values"] = self.base_layer.weight.detach().reshape(-1)[self.indices]
 
+    @override
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         indices, values = state_dict.get(prefix + "indices"), state_dict.get(prefix + "values")
         where = prefix.rstrip(".") or type(self).__name__
@@ -155,5 +159,6 @@ class SparseLinear(nn.Module):
             if prefix + "values" in unexpected_keys:
                 unexpected_keys.remove(prefix + "values")
 
+    @override
     def extra_repr(self) -> str:
         return f"mode={self.mode}, nnz={self.nnz}, density={self.nnz / max(self.numel, 1):.4g}"

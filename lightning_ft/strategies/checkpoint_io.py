@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
+from typing_extensions import override
 
 from lightning_ft.file_checks import check_checkpoint
 
@@ -23,16 +24,20 @@ class CheckedCheckpointIO(CheckpointIO):
     def __init__(self, inner: CheckpointIO) -> None:
         self.inner = inner
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
 
+    @override
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         check_checkpoint(path)
         return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
+    @override
     def remove_checkpoint(self, path: Any) -> None:
         self.inner.remove_checkpoint(path)
 
+    @override
     def teardown(self) -> None:
         self.inner.teardown()
 

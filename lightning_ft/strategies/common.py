@@ -15,6 +15,7 @@ from typing import Any
 
 from lightning.pytorch.accelerators import CPUAccelerator
 from torch.distributed.constants import default_pg_timeout
+from typing_extensions import override
 
 from lightning_ft._compat import BeforeLaunchHook, is_distributed_sampler_wrapper, kill_launched_processes
 from lightning_ft.file_checks import check_checkpoint
@@ -87,6 +88,7 @@ class AdapterStrategyMixin(BeforeLaunchHook):
         if self.global_rank != 0:  # Lightning's own progress bar already stays on rank 0
             quiet_progress_bars()
 
+    @override
     def before_launch(self) -> None:
         # the accelerator, devices and cluster environment are known, still inside Trainer(...): nothing launched yet
         check_launch(self)

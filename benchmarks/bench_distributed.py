@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import BATCH_SHAPES, ROOT, RESULT_PREFIX, machine, mr_datamodule, peak_rss_mb, write_results
+from harness import BATCH_SHAPES, RESULT_PREFIX, ROOT, machine, mr_datamodule, peak_rss_mb, write_results
 
 MODEL = BATCH_SHAPES["smollm2"]["model"]
 MB = 2**20
@@ -54,10 +54,20 @@ CPU_BATCH = BATCH_SHAPES["smollm2"]["batch_size"] // NPROC
 CPU_MAX_LENGTH, CPU_ROWS = BATCH_SHAPES["smollm2"]["max_length"], BATCH_SHAPES["smollm2"]["max_train_examples"]
 TINY_BATCH, TINY_MAX_LENGTH = 2, 256  # MR prompts with the chat template run past 64 tokens
 # GPU: the ~1B Llama is Llama-3.2-1B's shape (16 x 2048, GQA 32/8 heads, MLP 8192, tied embeddings)
-LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-            "num_key_value_heads": 8}  # fmt: skip
-TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2}  # fmt: skip
+LLAMA_1B = {
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+}
+TINY_LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 GPU_CONFIGS = [
     {"name": "SmolLM2-135M LoRA r=8", "model": "smollm2"},
     {"name": "Llama ~1B (random init) LoRA r=8", "model": "llama-1b"},
@@ -81,8 +91,11 @@ def state_bytes(module, optimizer) -> dict[str, int]:
 
     params = list(module.parameters())
     optim = sum(local_bytes(v) for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
-    return {"params": sum(local_bytes(p) for p in params),
-            "grads": sum(local_bytes(p.grad) for p in params if p.grad is not None), "optimizer": optim}  # fmt: skip
+    return {
+        "params": sum(local_bytes(p) for p in params),
+        "grads": sum(local_bytes(p.grad) for p in params if p.grad is not None),
+        "optimizer": optim,
+    }
 
 
 def reset_peak_rss() -> bool:
@@ -159,8 +172,15 @@ def probe_class():
 
         def __init__(self, warmup: int, comm=None, collectives: CollectiveCounter | None = None) -> None:
             self.warmup, self.comm, self.collectives = warmup, comm, collectives
-            self.rec: dict = {"step_s": [], "tokens": [], "loss": [], "allreduce_bytes": [], "allreduce_buckets": [],
-                              "all_gather_bytes": [], "reduce_scatter_bytes": []}  # fmt: skip
+            self.rec: dict = {
+                "step_s": [],
+                "tokens": [],
+                "loss": [],
+                "allreduce_bytes": [],
+                "allreduce_buckets": [],
+                "all_gather_bytes": [],
+                "reduce_scatter_bytes": [],
+            }
             self._start = 0.0
             self._seen = 0
 
@@ -214,8 +234,14 @@ def rank_worker(cfg: dict, args: argparse.Namespace) -> None:
     L.seed_everything(0, verbose=False)
     devices = int(os.environ["LOCAL_WORLD_SIZE"])
     model = cfg["model"]
-    data = mr_datamodule(model, "instruction", max_length=cfg["max_length"], batch_size=cfg["batch_size"],
-                         packing=True, max_train_examples=CPU_ROWS)  # fmt: skip
+    data = mr_datamodule(
+        model,
+        "instruction",
+        max_length=cfg["max_length"],
+        batch_size=cfg["batch_size"],
+        packing=True,
+        max_train_examples=CPU_ROWS,
+    )
     if cfg["method"] == "lora":
         module = LoRAModule(model, **LORA)
     else:
@@ -229,13 +255,26 @@ def rank_worker(cfg: dict, args: argparse.Namespace) -> None:
         collectives = CollectiveCounter()
     probe = probe_class()(args.warmup, comm, collectives)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy=strategy, max_steps=args.warmup + args.steps, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
-        callbacks=[probe], default_root_dir=args.result_dir,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=args.warmup + args.steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        callbacks=[probe],
+        default_root_dir=args.result_dir,
+    )
     trainer.fit(module, data)
-    rec = {"rank": trainer.global_rank, "world_size": trainer.world_size, "threads": torch.get_num_threads(),
-           "collectives_counted": collectives.installed if collectives else None, **probe.rec}  # fmt: skip
+    rec = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "threads": torch.get_num_threads(),
+        "collectives_counted": collectives.installed if collectives else None,
+        **probe.rec,
+    }
     out = Path(args.result_dir) / f"rank{trainer.global_rank}.json"
     out.write_text(json.dumps(rec))
 
@@ -250,10 +289,23 @@ def run_torchrun(cfg: dict, args: argparse.Namespace, work: Path) -> list[dict]:
     """One configuration as its own 2-process torchrun job; the ranks' records, rank 0 first."""
     work.mkdir(parents=True)
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={NPROC}",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", __file__, "--rank-worker", json.dumps(cfg),
-        "--result-dir", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={NPROC}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        __file__,
+        "--rank-worker",
+        json.dumps(cfg),
+        "--result-dir",
+        str(work),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     log = work / "torchrun.log"
     with open(log, "w") as out:
@@ -268,7 +320,9 @@ def run_torchrun(cfg: dict, args: argparse.Namespace, work: Path) -> list[dict]:
     if rc != 0 or not all(f.exists() for f in files):
         text = log.read_text(errors="replace")
         first = text.find("Traceback")  # a rank's own error, not torchrun's summary of it
-        sys.exit(f"{cfg['name']} failed ({rc}); from {log}:\n{text[first : first + 5000] if first >= 0 else text[-5000:]}")
+        sys.exit(
+            f"{cfg['name']} failed ({rc}); from {log}:\n{text[first : first + 5000] if first >= 0 else text[-5000:]}"
+        )
     return [json.loads(f.read_text()) for f in files]
 
 
@@ -281,8 +335,13 @@ def make_tiny_model(folder: Path) -> str:
 
     tok = load_tokenizer(MODEL)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096, tie_word_embeddings=True,
-                         pad_token_id=tok.pad_token_id, **TINY_LLAMA)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        **TINY_LLAMA,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
@@ -306,16 +365,22 @@ def summarise_config(cfg: dict, runs: list[list[dict]]) -> dict:
     state = {k: max(r["state_bytes"][k] for run in runs for r in run) for k in ("params", "grads", "optimizer")}
     res = {
         **{k: v for k, v in cfg.items() if k not in ("model",)},
-        "trainable_params": rank0[0]["trainable_params"], "total_params": rank0[0]["total_params"],
+        "trainable_params": rank0[0]["trainable_params"],
+        "total_params": rank0[0]["total_params"],
         "trainable_bytes": rank0[0]["trainable_bytes"],
-        "allreduce_bytes": med("allreduce_bytes"), "allreduce_buckets": med("allreduce_buckets"),
-        "all_gather_bytes": med("all_gather_bytes"), "reduce_scatter_bytes": med("reduce_scatter_bytes"),
-        "step_s": statistics.median(step_s), "tokens_per_s": statistics.median(t / s for t, s in zip(tokens, step_s)),
-        "state_bytes": state, "state_total_bytes": sum(state.values()),
-        "setup_peak_rss_mb": worst("setup_peak_rss_mb"), "train_peak_rss_mb": worst("train_peak_rss_mb"),
+        "allreduce_bytes": med("allreduce_bytes"),
+        "allreduce_buckets": med("allreduce_buckets"),
+        "all_gather_bytes": med("all_gather_bytes"),
+        "reduce_scatter_bytes": med("reduce_scatter_bytes"),
+        "step_s": statistics.median(step_s),
+        "tokens_per_s": statistics.median(t / s for t, s in zip(tokens, step_s)),
+        "state_bytes": state,
+        "state_total_bytes": sum(state.values()),
+        "setup_peak_rss_mb": worst("setup_peak_rss_mb"),
+        "train_peak_rss_mb": worst("train_peak_rss_mb"),
         "peak_rss_mb": worst("peak_rss_mb"),
         "loss": statistics.median(v for r in rank0 for v in r["loss"]),
-    }  # fmt: skip
+    }
     if res["allreduce_bytes"] is not None:
         res["allreduce_vs_trainable"] = res["allreduce_bytes"] / res["trainable_bytes"]
     return res
@@ -342,12 +407,23 @@ def plot_cpu(results: list[dict], out_png: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.6 * len(names) + 2.2))
     ax = axes[0]
     h = 0.27
-    for i, (key, label, color) in enumerate((("allreduce_bytes", "all-reduce (DDP)", "tab:blue"),
-                                             ("all_gather_bytes", "all-gather (FSDP2)", "tab:purple"),
-                                             ("reduce_scatter_bytes", "reduce-scatter (FSDP2)", "tab:red"))):  # fmt: skip
+    for i, (key, label, color) in enumerate(
+        (
+            ("allreduce_bytes", "all-reduce (DDP)", "tab:blue"),
+            ("all_gather_bytes", "all-gather (FSDP2)", "tab:purple"),
+            ("reduce_scatter_bytes", "reduce-scatter (FSDP2)", "tab:red"),
+        )
+    ):
         ax.barh([v + (i - 1) * h for v in y], [(r[key] or 0) / MB for r in results], height=h, label=label, color=color)
-    ax.scatter([r["trainable_bytes"] / MB for r in results], y, marker="|", s=300, color="black", zorder=3,
-               label="trainable parameters")  # fmt: skip
+    ax.scatter(
+        [r["trainable_bytes"] / MB for r in results],
+        y,
+        marker="|",
+        s=300,
+        color="black",
+        zorder=3,
+        label="trainable parameters",
+    )
     ax.set_xscale("log")
     ax.set_xlabel("MB per step (unsharded tensor sizes)")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2)
@@ -357,8 +433,14 @@ def plot_cpu(results: list[dict], out_png: Path, title: str) -> None:
         vals = [r["state_bytes"][key] / MB for r in results]
         ax.barh(y, vals, left=left, color=color, label=key, height=0.5)
         left = [a + b for a, b in zip(left, vals)]
-    ax.scatter([r["train_peak_rss_mb"] or r["peak_rss_mb"] for r in results], y, marker="D", color="black",
-               label="peak RSS in training", zorder=3)  # fmt: skip
+    ax.scatter(
+        [r["train_peak_rss_mb"] or r["peak_rss_mb"] for r in results],
+        y,
+        marker="D",
+        color="black",
+        label="peak RSS in training",
+        zorder=3,
+    )
     ax.set_xlabel("MB per rank")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2)
     axes[2].barh(y, [r["step_s"] for r in results], color="tab:blue", height=0.5)
@@ -380,7 +462,12 @@ def cpu_main(args: argparse.Namespace) -> None:
         sys.exit(f"--only {args.only} matches no configuration of {[c['name'] for c in CONFIGS]}")
     with tempfile.TemporaryDirectory(prefix="bench_distributed_") as tmp:
         if args.tiny:
-            model, batch, length, label = make_tiny_model(Path(tmp) / "tiny"), TINY_BATCH, TINY_MAX_LENGTH, "tiny random Llama"
+            model, batch, length, label = (
+                make_tiny_model(Path(tmp) / "tiny"),
+                TINY_BATCH,
+                TINY_MAX_LENGTH,
+                "tiny random Llama",
+            )
         else:
             model, batch, length, label = MODEL, CPU_BATCH, CPU_MAX_LENGTH, "SmolLM2-135M-Instruct"
         runs: dict[str, list[list[dict]]] = {c["name"]: [] for c in configs}
@@ -390,8 +477,11 @@ def cpu_main(args: argparse.Namespace) -> None:
                 start = time.perf_counter()
                 ranks = run_torchrun(cfg, args, Path(tmp) / f"r{rep}_c{i}")
                 runs[c["name"]].append(ranks)
-                print(f"repeat {rep + 1}/{args.repeats} {c['name']}: {time.perf_counter() - start:.0f} s, median step "
-                      f"{statistics.median(max(s) for s in zip(*(r['step_s'] for r in ranks))):.2f} s", flush=True)  # fmt: skip
+                print(
+                    f"repeat {rep + 1}/{args.repeats} {c['name']}: {time.perf_counter() - start:.0f} s, median step "
+                    f"{statistics.median(max(s) for s in zip(*(r['step_s'] for r in ranks))):.2f} s",
+                    flush=True,
+                )
     results = [summarise_config(c, runs[c["name"]]) for c in configs]
     by = {r["name"]: r for r in results}
     ratios = {}
@@ -425,9 +515,11 @@ def cpu_main(args: argparse.Namespace) -> None:
     ]
     for r in results:
         ratio = fmt(r.get("allreduce_vs_trainable"), ".4f")
-        lines.append(f"| {r['name']} | {r['trainable_params'] / 1e6:.2f}M | {mb(r['trainable_bytes'], 2)} | "
-                     f"{mb(r['allreduce_bytes'], 2)} | {fmt(r['allreduce_buckets'])} | {ratio} | "
-                     f"{mb(r['all_gather_bytes'])} | {mb(r['reduce_scatter_bytes'], 2)} |")  # fmt: skip
+        lines.append(
+            f"| {r['name']} | {r['trainable_params'] / 1e6:.2f}M | {mb(r['trainable_bytes'], 2)} | "
+            f"{mb(r['allreduce_bytes'], 2)} | {fmt(r['allreduce_buckets'])} | {ratio} | "
+            f"{mb(r['all_gather_bytes'])} | {mb(r['reduce_scatter_bytes'], 2)} |"
+        )
     lines += [
         "",
         "Memory per rank (largest rank) and step time:",
@@ -438,9 +530,11 @@ def cpu_main(args: argparse.Namespace) -> None:
     ]
     for r in results:
         s = r["state_bytes"]
-        lines.append(f"| {r['name']} | {mb(s['params'], 0)} | {mb(s['grads'], 0)} | {mb(s['optimizer'], 0)} | "
-                     f"{mb(r['state_total_bytes'], 0)} | {fmt(r['train_peak_rss_mb'])} | {fmt(r['peak_rss_mb'])} | "
-                     f"{r['step_s']:.2f} | {r['tokens_per_s']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {r['name']} | {mb(s['params'], 0)} | {mb(s['grads'], 0)} | {mb(s['optimizer'], 0)} | "
+            f"{mb(r['state_total_bytes'], 0)} | {fmt(r['train_peak_rss_mb'])} | {fmt(r['peak_rss_mb'])} | "
+            f"{r['step_s']:.2f} | {r['tokens_per_s']:.0f} |"
+        )
     if ratios:
         lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in ratios.items()]
     lines += [
@@ -450,8 +544,17 @@ def cpu_main(args: argparse.Namespace) -> None:
         "rank loads the whole model before FSDP2 shards it, so the peak RSS including loading does not show the "
         "sharding; the training peak is measured from the first step on (VmHWM reset at train start).",
     ]
-    payload = {"command": command, "machine": info, "model": label, "batch_per_rank": batch, "max_length": length,
-               "world_size": NPROC, "results": results, "ratios": ratios, "runs": runs}  # fmt: skip
+    payload = {
+        "command": command,
+        "machine": info,
+        "model": label,
+        "batch_per_rank": batch,
+        "max_length": length,
+        "world_size": NPROC,
+        "results": results,
+        "ratios": ratios,
+        "runs": runs,
+    }
     write_results(args.out, "distributed", payload, lines)
     plot_cpu(results, Path(args.out) / "distributed.png", title)
     print("\n".join(lines))
@@ -478,13 +581,24 @@ def gpu_worker(cfg: dict, args: argparse.Namespace) -> dict:
         model = load_model(MODEL)
     else:
         shape = TINY_LLAMA if dry else LLAMA_1B
-        config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=max(4096, args.max_length),
-                             tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, **shape)  # fmt: skip
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=max(4096, args.max_length),
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            **shape,
+        )
         with torch.device("cuda" if cuda else "cpu"):
             model = LlamaForCausalLM(config)
     base_params = sum(p.numel() for p in model.parameters())
-    data = mr_datamodule(tokenizer, "instruction", max_length=args.max_length, batch_size=args.batch, packing=True,
-                         max_train_examples=400 if dry else None)  # fmt: skip
+    data = mr_datamodule(
+        tokenizer,
+        "instruction",
+        max_length=args.max_length,
+        batch_size=args.batch,
+        packing=True,
+        max_train_examples=400 if dry else None,
+    )
     module = LoRAModule(model=model, **LORA)
     strategy = AdapterFSDP2Strategy(param_dtype="bfloat16", reduce_dtype="float32", timeout=300)
     times: list[float] = []
@@ -513,23 +627,42 @@ def gpu_worker(cfg: dict, args: argparse.Namespace) -> dict:
                 losses.append(float(outputs["loss"]))
 
     trainer = L.Trainer(
-        accelerator="cuda" if cuda else "cpu", devices=1, strategy=strategy, max_steps=args.warmup + args.steps,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        limit_val_batches=0, callbacks=[Clock()], default_root_dir=cfg["workdir"],
-    )  # fmt: skip
+        accelerator="cuda" if cuda else "cpu",
+        devices=1,
+        strategy=strategy,
+        max_steps=args.warmup + args.steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        callbacks=[Clock()],
+        default_root_dir=cfg["workdir"],
+    )
     trainer.fit(module, data)
     if not times:
         raise RuntimeError("no timed steps: the data ran out before warm-up ended")
     tokens_per_s = [t / s for t, s in zip(tokens, times)]
     n = seen["params"]
-    res = {"step_s": times, "tokens": tokens, "tokens_per_s": tokens_per_s, "loss": losses, "params": n,
-           "base_params": base_params, "trainable_params": seen["trainable"],
-           "mfu_6n": [6 * n * t / args.peak_flops for t in tokens_per_s],
-           "mfu_4n": [4 * n * t / args.peak_flops for t in tokens_per_s]}  # fmt: skip
+    res = {
+        "step_s": times,
+        "tokens": tokens,
+        "tokens_per_s": tokens_per_s,
+        "loss": losses,
+        "params": n,
+        "base_params": base_params,
+        "trainable_params": seen["trainable"],
+        "mfu_6n": [6 * n * t / args.peak_flops for t in tokens_per_s],
+        "mfu_4n": [4 * n * t / args.peak_flops for t in tokens_per_s],
+    }
     if cuda:
-        res.update(max_memory_allocated=torch.cuda.max_memory_allocated(),
-                   max_memory_reserved=torch.cuda.max_memory_reserved(), gpu=torch.cuda.get_device_name(0),
-                   gpu_memory=torch.cuda.get_device_properties(0).total_memory, cuda=torch.version.cuda)  # fmt: skip
+        res.update(
+            max_memory_allocated=torch.cuda.max_memory_allocated(),
+            max_memory_reserved=torch.cuda.max_memory_reserved(),
+            gpu=torch.cuda.get_device_name(0),
+            gpu_memory=torch.cuda.get_device_properties(0).total_memory,
+            cuda=torch.version.cuda,
+        )
     res["peak_rss_mb"] = peak_rss_mb()
     return res
 
@@ -560,9 +693,22 @@ def gpu_main(args: argparse.Namespace) -> None:
                 errors[c["name"]] = "skipped: --time-limit reached"
                 continue
             cfg = {**c, "dry_run": args.dry_run, "tokenizer": tokenizer, "workdir": tmp}
-            cmd = [sys.executable, __file__, "--gpu-worker", json.dumps(cfg), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--batch", str(args.batch), "--max-length", str(args.max_length),
-                   "--peak-flops", str(args.peak_flops)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--gpu-worker",
+                json.dumps(cfg),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--batch",
+                str(args.batch),
+                "--max-length",
+                str(args.max_length),
+                "--peak-flops",
+                str(args.peak_flops),
+            ]
             env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
             start = time.perf_counter()
             try:
@@ -581,8 +727,11 @@ def gpu_main(args: argparse.Namespace) -> None:
             for key in ("step_s", "tokens_per_s", "mfu_6n", "mfu_4n"):
                 r[f"median_{key}"] = statistics.median(r[key])
             results.append(r)
-            print(f"{c['name']}: {r['median_tokens_per_s']:.0f} tokens/s, MFU {100 * r['median_mfu_6n']:.1f}% "
-                  f"({r['wall_s']:.0f} s)", flush=True)  # fmt: skip
+            print(
+                f"{c['name']}: {r['median_tokens_per_s']:.0f} tokens/s, MFU {100 * r['median_mfu_6n']:.1f}% "
+                f"({r['wall_s']:.0f} s)",
+                flush=True,
+            )
     info = machine()
     gpu = next((r["gpu"] for r in results if "gpu" in r), "CPU (dry run)" if args.dry_run else "?")
     info["gpu"] = gpu
@@ -594,21 +743,32 @@ def gpu_main(args: argparse.Namespace) -> None:
         f"MFU = 6 x N_params x tokens/s / {args.peak_flops:.3g} FLOP/s; a frozen base computes no weight gradients, "
         f"so the hardware does about 4 x N_params per token (the 4N column). Command: `{command}`",
         "",
-        "| model | params | trainable | median step (s) | tokens/s | max_memory_allocated (GiB) | MFU (6N) | MFU (4N) |",
+        "| model | params | trainable | median step (s) | tokens/s | max_memory_allocated (GiB) | MFU (6N) | MFU "
+        "(4N) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         mem = r.get("max_memory_allocated")
-        lines.append(f"| {r['name']} | {r['params'] / 1e6:,.0f}M | {r['trainable_params'] / 1e6:.2f}M | "
-                     f"{r['median_step_s']:.3f} | {r['median_tokens_per_s']:,.0f} | "
-                     f"{'-' if mem is None else f'{mem / 2**30:.1f}'} | {100 * r['median_mfu_6n']:.1f}% | "
-                     f"{100 * r['median_mfu_4n']:.1f}% |")  # fmt: skip
+        lines.append(
+            f"| {r['name']} | {r['params'] / 1e6:,.0f}M | {r['trainable_params'] / 1e6:.2f}M | "
+            f"{r['median_step_s']:.3f} | {r['median_tokens_per_s']:,.0f} | "
+            f"{'-' if mem is None else f'{mem / 2**30:.1f}'} | {100 * r['median_mfu_6n']:.1f}% | "
+            f"{100 * r['median_mfu_4n']:.1f}% |"
+        )
     for name, err in errors.items():
         lines.append(f"\n{name} failed: {err.strip().splitlines()[-1] if err.strip() else '?'}")
     if args.dry_run:
         lines.insert(0, "DRY RUN on the CPU with tiny random models: these figures measure nothing.\n")
-    payload = {"command": command, "machine": info, "peak_flops": args.peak_flops, "batch": args.batch,
-               "max_length": args.max_length, "dry_run": args.dry_run, "results": results, "errors": errors}  # fmt: skip
+    payload = {
+        "command": command,
+        "machine": info,
+        "peak_flops": args.peak_flops,
+        "batch": args.batch,
+        "max_length": args.max_length,
+        "dry_run": args.dry_run,
+        "results": results,
+        "errors": errors,
+    }
     write_results(args.out, "distributed_gpu", payload, lines)
     print("\n".join(lines))
     if errors:
@@ -644,8 +804,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--collective-timeout", type=positive(float), default=300, help=argparse.SUPPRESS)
     parser.add_argument("--gpu", action="store_true", help="the GPU benchmark instead (needs CUDA)")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: run its pipeline on the CPU, tiny models")
-    parser.add_argument("--peak-flops", type=positive(float), default=H200_BF16_FLOPS,
-                        help="--gpu: the GPU's peak dense bf16 FLOP/s for MFU (default H200: 989e12)")  # fmt: skip
+    parser.add_argument(
+        "--peak-flops",
+        type=positive(float),
+        default=H200_BF16_FLOPS,
+        help="--gpu: the GPU's peak dense bf16 FLOP/s for MFU (default H200: 989e12)",
+    )
     parser.add_argument("--batch", type=positive(int), help="--gpu: packed rows per step (default 8)")
     parser.add_argument("--max-length", type=positive(int), help="--gpu: tokens per packed row (default 2048)")
     parser.add_argument("--time-limit", type=positive(float), default=570, help="--gpu: seconds for the whole run")

@@ -59,8 +59,12 @@ def run_worker(cfg: dict, args: argparse.Namespace) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
             tokens.append(count_tokens(batch))
-    return {"step_s": times, "tokens_per_s": [t / s for t, s in zip(tokens, times)], "peak_rss_mb": peak_rss_mb(),
-            "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad)}  # fmt: skip
+    return {
+        "step_s": times,
+        "tokens_per_s": [t / s for t, s in zip(tokens, times)],
+        "peak_rss_mb": peak_rss_mb(),
+        "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+    }
 
 
 def main() -> None:
@@ -80,10 +84,13 @@ def main() -> None:
     configs = [c for c in configs if not args.only or any(o in c["name"] for o in args.only)]
     runs = run_interleaved(__file__, configs, args.repeats, ["--steps", str(args.steps), "--warmup", str(args.warmup)])
     results = [
-        {**c, **{k: median_of(runs[c["name"]], k) for k in ("step_s", "tokens_per_s", "peak_rss_mb")},
-         "trainable_params": runs[c["name"]][0]["trainable_params"]}
+        {
+            **c,
+            **{k: median_of(runs[c["name"]], k) for k in ("step_s", "tokens_per_s", "peak_rss_mb")},
+            "trainable_params": runs[c["name"]][0]["trainable_params"],
+        }
         for c in configs
-    ]  # fmt: skip
+    ]
     info = machine()
     command = " ".join(["python benchmarks/bench_full_ft.py", *sys.argv[1:]])
     lines = [
@@ -95,8 +102,10 @@ def main() -> None:
     ]
     for r in results:
         batch = f"{r['batch_size']} x {'packed ' if r['packing'] else '<='}{r['max_length']}"
-        lines.append(f"| {r['name']} | {batch} | {r['trainable_params'] / 1e6:.1f}M | {r['step_s']:.2f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {r['name']} | {batch} | {r['trainable_params'] / 1e6:.1f}M | {r['step_s']:.2f} | "
+            f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
     write_results(args.out, "full_ft", {"command": command, "machine": info, "results": results, "runs": runs}, lines)
     print("\n".join(lines))
 

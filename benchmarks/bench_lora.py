@@ -69,8 +69,12 @@ def loss_of(model, batch):
 
     from lightning_ft.modules.objectives import next_token_targets, target_mask
 
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                   logits_to_keep=target_mask(batch["labels"])).logits  # fmt: skip
+    logits = model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+        logits_to_keep=target_mask(batch["labels"]),
+    ).logits
     return F.cross_entropy(logits.float(), next_token_targets(batch["labels"]))
 
 
@@ -103,8 +107,13 @@ def train_worker(cfg: dict, args: argparse.Namespace) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     tokens = batches[0]["input_ids"].numel()
-    return {"step_s": times, "tokens_per_s": [tokens / t for t in times], "peak_rss_mb": peak_rss_mb(),
-            "trainable_params": sum(p.numel() for p in params), "checkpoint_bytes": checkpoint_bytes(model)}  # fmt: skip
+    return {
+        "step_s": times,
+        "tokens_per_s": [tokens / t for t in times],
+        "peak_rss_mb": peak_rss_mb(),
+        "trainable_params": sum(p.numel() for p in params),
+        "checkpoint_bytes": checkpoint_bytes(model),
+    }
 
 
 def inference_worker(cfg: dict, args: argparse.Namespace) -> dict:
@@ -122,7 +131,7 @@ def inference_worker(cfg: dict, args: argparse.Namespace) -> dict:
     models = {"base": base, "unmerged adapter": unmerged, "merged": merged}
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.no_grad():
-        for name, m in models.items():  # warm-up
+        for m in models.values():  # warm-up
             m(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
         for _ in range(args.inference_repeats):
             for name, m in models.items():
@@ -172,26 +181,45 @@ def main() -> None:
     if args.worker:
         return worker_main(run_worker, args)
 
-    passthrough = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--inference-repeats", str(args.inference_repeats)]
+    passthrough = [
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--inference-repeats",
+        str(args.inference_repeats),
+    ]
     runs = run_interleaved(__file__, CONFIGS + [{"name": "inference", "kind": "inference"}], args.repeats, passthrough)
     results = []
     for c in CONFIGS:
         rs = runs[c["name"]]
-        results.append({**c, **{k: median_of(rs, k) for k in ("step_s", "tokens_per_s", "peak_rss_mb")},
-                        "trainable_params": rs[0]["trainable_params"], "checkpoint_bytes": rs[0]["checkpoint_bytes"]})  # fmt: skip
+        results.append(
+            {
+                **c,
+                **{k: median_of(rs, k) for k in ("step_s", "tokens_per_s", "peak_rss_mb")},
+                "trainable_params": rs[0]["trainable_params"],
+                "checkpoint_bytes": rs[0]["checkpoint_bytes"],
+            }
+        )
     by = {r["name"]: r for r in results}
-    inference = {k: statistics.median(t for r in runs["inference"] for t in r["forward_s"][k])
-                 for k in ("base", "unmerged adapter", "merged")}  # fmt: skip
+    inference = {
+        k: statistics.median(t for r in runs["inference"] for t in r["forward_s"][k])
+        for k in ("base", "unmerged adapter", "merged")
+    }
     full, floor = by["full fine-tuning"], by["floor (frozen base)"]
     ratios = {}
     for r in ("8 q,v", "16 all-linear"):
         ours, peft = by[f"lightning-ft r={r}"], by[f"peft r={r}"]
         ratios[f"r={r}"] = {
-            "step_vs_peft": ours["step_s"] / peft["step_s"], "step_vs_floor": ours["step_s"] / floor["step_s"],
-            "step_vs_full": ours["step_s"] / full["step_s"], "rss_vs_full": ours["peak_rss_mb"] / full["peak_rss_mb"],
-        }  # fmt: skip
-    ratios["inference"] = {"merged_vs_base": inference["merged"] / inference["base"],
-                           "unmerged_vs_base": inference["unmerged adapter"] / inference["base"]}  # fmt: skip
+            "step_vs_peft": ours["step_s"] / peft["step_s"],
+            "step_vs_floor": ours["step_s"] / floor["step_s"],
+            "step_vs_full": ours["step_s"] / full["step_s"],
+            "rss_vs_full": ours["peak_rss_mb"] / full["peak_rss_mb"],
+        }
+    ratios["inference"] = {
+        "merged_vs_base": inference["merged"] / inference["base"],
+        "unmerged_vs_base": inference["unmerged adapter"] / inference["base"],
+    }
 
     info = machine()
     command = " ".join(["python benchmarks/bench_lora.py", *sys.argv[1:]])
@@ -203,16 +231,29 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['name']} | {r['trainable_params'] / 1e6:.2f}M | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} "
-                     f"| {r['peak_rss_mb']:.0f} | {r['checkpoint_bytes'] / 2**20:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {r['name']} | {r['trainable_params'] / 1e6:.2f}M | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} "
+            f"| {r['peak_rss_mb']:.0f} | {r['checkpoint_bytes'] / 2**20:.1f} |"
+        )
     lines += ["", "| ratio | r=8 q,v | r=16 all-linear | target |", "|---|---|---|---|"]
-    for key, target in (("step_vs_peft", "<= 0.97"), ("step_vs_floor", "<= 1.05"), ("step_vs_full", "<= 0.55"),
-                        ("rss_vs_full", "<= 0.7")):  # fmt: skip
+    for key, target in (
+        ("step_vs_peft", "<= 0.97"),
+        ("step_vs_floor", "<= 1.05"),
+        ("step_vs_full", "<= 0.55"),
+        ("rss_vs_full", "<= 0.7"),
+    ):
         lines.append(f"| {key} | {ratios['r=8 q,v'][key]:.3f} | {ratios['r=16 all-linear'][key]:.3f} | {target} |")
     lines += ["", "| inference (forward, no grad) | median (s) | vs base | target |", "|---|---|---|---|"]
     for name, target in (("base", ""), ("unmerged adapter", "<= 1.10"), ("merged", "<= 1.02")):
         lines.append(f"| {name} | {inference[name]:.3f} | {inference[name] / inference['base']:.3f} | {target} |")
-    payload = {"command": command, "machine": info, "results": results, "inference_s": inference, "ratios": ratios, "runs": runs}
+    payload = {
+        "command": command,
+        "machine": info,
+        "results": results,
+        "inference_s": inference,
+        "ratios": ratios,
+        "runs": runs,
+    }
     write_results(args.out, "lora", payload, lines)
     plot(results, Path(args.out) / "lora.png")
     print("\n".join(lines))

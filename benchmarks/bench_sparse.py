@@ -48,8 +48,10 @@ MODELS = {  # the batch shapes of harness.BATCH_SHAPES (those of bench_full_ft.p
     "smollm2": {**BATCH_SHAPES["smollm2"], "title": "SmolLM2-135M"},
 }
 METHOD_TITLES = {
-    "lora": "LoRA r={r} all-linear", "sparse": "sparse delta {criterion} (r={r} equiv.)", "full": "full fine-tuning",
-}  # fmt: skip
+    "lora": "LoRA r={r} all-linear",
+    "sparse": "sparse delta {criterion} (r={r} equiv.)",
+    "full": "full fine-tuning",
+}
 MB = 2**20
 
 
@@ -114,19 +116,33 @@ def timing_worker(cfg: dict) -> dict:
         if i >= cfg["warmup"]:
             times.append(elapsed)
     index_bytes = sum(layer.indices.nbytes for layer in sparse_layers(model).values())
-    return {"step_s": times, "peak_rss_mb": peak_rss_mb(), "trainable_params": sum(p.numel() for p in params),
-            "grad_bytes": grad_bytes, "optimizer_state_bytes": state_bytes, "index_bytes": index_bytes,
-            "tokens_per_batch": int(batches[0]["input_ids"].numel())}  # fmt: skip
+    return {
+        "step_s": times,
+        "peak_rss_mb": peak_rss_mb(),
+        "trainable_params": sum(p.numel() for p in params),
+        "grad_bytes": grad_bytes,
+        "optimizer_state_bytes": state_bytes,
+        "index_bytes": index_bytes,
+        "tokens_per_batch": int(batches[0]["input_ids"].numel()),
+    }
 
 
 # ---- parts 2 and 3: training runs through the library's modules -----------------------------------------------
 def datamodule(spec: dict, batch_size: int, seed: int, max_test_examples: int | None):
     extra = {"system_prompt": ""} if spec["data"] == "instruction" else {}  # as recipes/smollm2_mr_lora.yaml
     return mr_datamodule(
-        spec["model"], spec["data"], test=True, labels=spec["labels"], max_length=spec["max_length"],
-        batch_size=batch_size, eval_batch_size=64, group_by_length=True, seed=seed,
-        max_eval_examples=max_test_examples, **extra,
-    )  # fmt: skip
+        spec["model"],
+        spec["data"],
+        test=True,
+        labels=spec["labels"],
+        max_length=spec["max_length"],
+        batch_size=batch_size,
+        eval_batch_size=64,
+        group_by_length=True,
+        seed=seed,
+        max_eval_examples=max_test_examples,
+        **extra,
+    )
 
 
 def make_module(spec: dict, cfg: dict, model=None):
@@ -134,18 +150,29 @@ def make_module(spec: dict, cfg: dict, model=None):
     from lightning_ft import LoRAModule, SFTModule, SparseModule
 
     common = {
-        "model_name_or_path": None if model is not None else spec["model"], "model": model,
-        "task": spec["module_task"], "labels": spec["labels"], "learning_rate": cfg["lr"],
-        "weight_decay": cfg["weight_decay"], "warmup_ratio": cfg["warmup_ratio"], "scheduler": "linear",
-    }  # fmt: skip
+        "model_name_or_path": None if model is not None else spec["model"],
+        "model": model,
+        "task": spec["module_task"],
+        "labels": spec["labels"],
+        "learning_rate": cfg["lr"],
+        "weight_decay": cfg["weight_decay"],
+        "warmup_ratio": cfg["warmup_ratio"],
+        "scheduler": "linear",
+    }
     if spec["module_task"] == "causal_lm":
         common["eval_lm_loss"] = False  # only the answers are scored at test (test/choice_acc)
     if cfg["method"] == "lora":
         return LoRAModule(**common, r=cfg["rank"], alpha=2 * cfg["rank"], target_modules="all-linear")
     if cfg["method"] == "sparse":
-        return SparseModule(**common, lora_equivalent_rank=cfg["rank"], criterion=cfg["criterion"], mode="delta",
-                            target_modules="all-linear", calibration_batches=cfg["calibration_batches"],
-                            seed=cfg["seed"])  # fmt: skip
+        return SparseModule(
+            **common,
+            lora_equivalent_rank=cfg["rank"],
+            criterion=cfg["criterion"],
+            mode="delta",
+            target_modules="all-linear",
+            calibration_batches=cfg["calibration_batches"],
+            seed=cfg["seed"],
+        )
     return SFTModule(**common)
 
 
@@ -172,9 +199,18 @@ def step_recorder():
 def trainer_for(steps: int, root: str, callbacks: list):
     import lightning as L
 
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, enable_checkpointing=False,
-                     logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                     callbacks=callbacks)  # fmt: skip
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        limit_val_batches=0,
+        enable_checkpointing=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=callbacks,
+    )
 
 
 def test_metrics(metrics: dict) -> dict:
@@ -199,9 +235,17 @@ def fit_and_test(spec: dict, cfg: dict, dm, model=None) -> tuple[dict, object]:
         test_s = time.perf_counter() - start
     trainable, total = count_parameters(module)
     tail = recorder.loss[-max(1, len(recorder.loss) // 10) :]
-    result = {**test_metrics(metrics), "step_s": recorder.step_s, "train_loss": recorder.loss,
-              "final_train_loss": statistics.mean(tail), "fit_s": fit_s, "test_s": test_s, "trainable_params": trainable,
-              "total_params": total, "test_examples": len(dm.splits["test"].examples)}  # fmt: skip
+    result = {
+        **test_metrics(metrics),
+        "step_s": recorder.step_s,
+        "train_loss": recorder.loss,
+        "final_train_loss": statistics.mean(tail),
+        "fit_s": fit_s,
+        "test_s": test_s,
+        "trainable_params": trainable,
+        "total_params": total,
+        "test_examples": len(dm.splits["test"].examples),
+    }
     return result, module
 
 
@@ -244,26 +288,47 @@ def compress_worker(cfg: dict) -> dict:
     calibration = None
     if cfg["method"] == "asvd":  # the first train batches (seeded shuffle), model inputs only
         loader = dm.train_dataloader()
-        calibration = [{k: b[k] for k in MODEL_INPUTS if k in b} for b in itertools.islice(loader, cfg["calibration_batches"])]
+        calibration = [
+            {k: b[k] for k in MODEL_INPUTS if k in b} for b in itertools.islice(loader, cfg["calibration_batches"])
+        ]
     start = time.perf_counter()
-    report = compress_low_rank(model, param_ratio=cfg["param_ratio"], method=cfg["method"], calibration=calibration,
-                               target_modules="all-linear")  # fmt: skip
+    report = compress_low_rank(
+        model,
+        param_ratio=cfg["param_ratio"],
+        method=cfg["method"],
+        calibration=calibration,
+        target_modules="all-linear",
+    )
     compress_s = time.perf_counter() - start
     counts_after = parameter_counts(model).to_dict()
     compressed = evaluate(spec, model, dm)
-    recovery_cfg = {"method": "lora", "rank": cfg["rank"], "lr": cfg["lr"], "weight_decay": 0.0,
-                    "warmup_ratio": cfg["warmup_ratio"], "steps": cfg["steps"]}  # fmt: skip
+    recovery_cfg = {
+        "method": "lora",
+        "rank": cfg["rank"],
+        "lr": cfg["lr"],
+        "weight_decay": 0.0,
+        "warmup_ratio": cfg["warmup_ratio"],
+        "steps": cfg["steps"],
+    }
     L.seed_everything(0, verbose=False)
     recovered, _ = fit_and_test(spec, recovery_cfg, dm, model=model)
     return {
-        "before": before, "compressed": compressed, "recovered": {k: recovered[k] for k in ("acc", "loss")},
-        "recovery_step_s": recovered["step_s"], "recovery_fit_s": recovered["fit_s"],
-        "recovery_trainable_params": recovered["trainable_params"], "compress_s": compress_s,
-        "params_before": counts_before, "params_after": counts_after,
-        "targeted_before": report.targeted_before, "targeted_after": report.targeted_after,
-        "layers_factorized": len(report.factorized), "layers_targeted": len(report.layers),
-        "peak_rss_mb": peak_rss_mb(), "test_examples": len(dm.splits["test"].examples),
-    }  # fmt: skip
+        "before": before,
+        "compressed": compressed,
+        "recovered": {k: recovered[k] for k in ("acc", "loss")},
+        "recovery_step_s": recovered["step_s"],
+        "recovery_fit_s": recovered["fit_s"],
+        "recovery_trainable_params": recovered["trainable_params"],
+        "compress_s": compress_s,
+        "params_before": counts_before,
+        "params_after": counts_after,
+        "targeted_before": report.targeted_before,
+        "targeted_after": report.targeted_after,
+        "layers_factorized": len(report.factorized),
+        "layers_targeted": len(report.layers),
+        "peak_rss_mb": peak_rss_mb(),
+        "test_examples": len(dm.splits["test"].examples),
+    }
 
 
 def run_worker(cfg: dict, args: argparse.Namespace) -> dict:
@@ -292,12 +357,16 @@ def summarise_timing(configs: list[dict], runs: dict) -> dict[str, dict]:
     for c in configs:
         rs = runs[c["name"]]
         out.setdefault(c["model"], {})[c["method"]] = {
-            "name": c["name"], "step_s": median_of(rs, "step_s"), "peak_rss_mb": median_of(rs, "peak_rss_mb"),
-            "trainable_params": rs[0]["trainable_params"], "grad_bytes": rs[0]["grad_bytes"],
-            "optimizer_state_bytes": rs[0]["optimizer_state_bytes"], "index_bytes": rs[0]["index_bytes"],
+            "name": c["name"],
+            "step_s": median_of(rs, "step_s"),
+            "peak_rss_mb": median_of(rs, "peak_rss_mb"),
+            "trainable_params": rs[0]["trainable_params"],
+            "grad_bytes": rs[0]["grad_bytes"],
+            "optimizer_state_bytes": rs[0]["optimizer_state_bytes"],
+            "index_bytes": rs[0]["index_bytes"],
             "grad_opt_bytes": rs[0]["grad_bytes"] + rs[0]["optimizer_state_bytes"],
             "tokens_per_batch": rs[0]["tokens_per_batch"],
-        }  # fmt: skip
+        }
     for per_method in out.values():
         lora = per_method.get("lora")
         for r in per_method.values():
@@ -317,9 +386,22 @@ def summarise_accuracy(configs: list[dict], runs: dict) -> dict[str, list[dict]]
         rows = out.setdefault(c["model"], [])
         row = next((r for r in rows if r["label"] == c["label"]), None)
         if row is None:
-            row = {"label": c["label"], "method": c["method"], "criterion": c.get("criterion"), "lr": c["lr"],
-                   "steps": c["steps"], "batch_size": c["batch_size"], "seeds": [], "acc": [], "loss": [],
-                   "step_s": [], "fit_s": [], "final_train_loss": [], "peak_rss_mb": [], "trainable_params": None}  # fmt: skip
+            row = {
+                "label": c["label"],
+                "method": c["method"],
+                "criterion": c.get("criterion"),
+                "lr": c["lr"],
+                "steps": c["steps"],
+                "batch_size": c["batch_size"],
+                "seeds": [],
+                "acc": [],
+                "loss": [],
+                "step_s": [],
+                "fit_s": [],
+                "final_train_loss": [],
+                "peak_rss_mb": [],
+                "trainable_params": None,
+            }
             rows.append(row)
         r = runs[c["name"]][0]
         row["seeds"].append(c["seed"])
@@ -347,8 +429,16 @@ def summarise_compression(configs: list[dict], runs: dict) -> list[dict]:
         closed = (r["recovered"]["acc"] - r["compressed"]["acc"]) / gap if gap > 0 else None
         loss_gap = r["compressed"]["loss"] - r["before"]["loss"]
         loss_closed = (r["compressed"]["loss"] - r["recovered"]["loss"]) / loss_gap if loss_gap > 0 else None
-        rows.append({"method": c["method"], "param_ratio": c["param_ratio"], **r, "acc_lost": gap,
-                     "gap_closed": closed, "loss_gap_closed": loss_closed})  # fmt: skip
+        rows.append(
+            {
+                "method": c["method"],
+                "param_ratio": c["param_ratio"],
+                **r,
+                "acc_lost": gap,
+                "gap_closed": closed,
+                "loss_gap_closed": loss_closed,
+            }
+        )
     return rows
 
 
@@ -361,34 +451,69 @@ def targets(timing: dict, accuracy: dict, compression: list[dict]) -> list[tuple
         if lora and sparse:
             best = max(sparse, key=lambda r: r["acc_median"])
             diff = best["acc_median"] - lora["acc_median"]
-            out.append(("best sparse criterion accuracy >= LoRA's - 1 point", MODELS[model]["title"],
-                        f"{best['criterion']}: {fmt_acc(best['acc_median'])} vs LoRA {fmt_acc(lora['acc_median'])} "
-                        f"({100 * diff:+.2f} points)", diff >= -0.01))  # fmt: skip
+            out.append(
+                (
+                    "best sparse criterion accuracy >= LoRA's - 1 point",
+                    MODELS[model]["title"],
+                    f"{best['criterion']}: {fmt_acc(best['acc_median'])} vs LoRA {fmt_acc(lora['acc_median'])} "
+                    f"({100 * diff:+.2f} points)",
+                    diff >= -0.01,
+                )
+            )
     for model, per_method in timing.items():
         s = per_method.get("sparse")
         if s and s.get("bytes_vs_lora") is not None:
-            out.append(("gradient + optimizer bytes (delta) <= 1.5 x LoRA's", MODELS[model]["title"],
-                        f"{s['bytes_vs_lora']:.3f} x ({s['bytes_with_indices_vs_lora']:.3f} x counting the int64 indices)",
-                        s["bytes_vs_lora"] <= 1.5))  # fmt: skip
-            out.append(("step time (delta) <= 1.3 x LoRA's", MODELS[model]["title"], f"{s['step_vs_lora']:.3f} x",
-                        s["step_vs_lora"] <= 1.3))  # fmt: skip
+            out.append(
+                (
+                    "gradient + optimizer bytes (delta) <= 1.5 x LoRA's",
+                    MODELS[model]["title"],
+                    f"{s['bytes_vs_lora']:.3f} x ({s['bytes_with_indices_vs_lora']:.3f} x counting the int64 indices)",
+                    s["bytes_vs_lora"] <= 1.5,
+                )
+            )
+            out.append(
+                (
+                    "step time (delta) <= 1.3 x LoRA's",
+                    MODELS[model]["title"],
+                    f"{s['step_vs_lora']:.3f} x",
+                    s["step_vs_lora"] <= 1.3,
+                )
+            )
     by = {r["method"]: r for r in compression}
     if "svd" in by and "asvd" in by:
         s, a = by["svd"], by["asvd"]
-        out.append(("asvd loses less than svd (accuracy)", "MiniLM-L6 MR",
-                    f"asvd -{100 * a['acc_lost']:.2f} vs svd -{100 * s['acc_lost']:.2f} points (test loss "
-                    f"{a['compressed']['loss']:.4f} vs {s['compressed']['loss']:.4f}, before {s['before']['loss']:.4f})",
-                    a["acc_lost"] < s["acc_lost"]))  # fmt: skip
+        out.append(
+            (
+                "asvd loses less than svd (accuracy)",
+                "MiniLM-L6 MR",
+                f"asvd -{100 * a['acc_lost']:.2f} vs svd -{100 * s['acc_lost']:.2f} points (test loss "
+                f"{a['compressed']['loss']:.4f} vs {s['compressed']['loss']:.4f}, before {s['before']['loss']:.4f})",
+                a["acc_lost"] < s["acc_lost"],
+            )
+        )
     for r in compression:
         closed = r["gap_closed"]
-        out.append((f"recovery closes >= half the gap ({r['method']})", "MiniLM-L6 MR",
-                    "no gap to close" if closed is None else f"{100 * closed:.0f}% of {100 * r['acc_lost']:.2f} points",
-                    None if closed is None else closed >= 0.5))  # fmt: skip
+        out.append(
+            (
+                f"recovery closes >= half the gap ({r['method']})",
+                "MiniLM-L6 MR",
+                "no gap to close" if closed is None else f"{100 * closed:.0f}% of {100 * r['acc_lost']:.2f} points",
+                None if closed is None else closed >= 0.5,
+            )
+        )
     return out
 
 
-def markdown(args, info: dict, command: str, timing: dict, accuracy: dict, compression: list[dict],
-             target_rows: list, part_s: dict) -> list[str]:  # fmt: skip
+def markdown(
+    args,
+    info: dict,
+    command: str,
+    timing: dict,
+    accuracy: dict,
+    compression: list[dict],
+    target_rows: list,
+    part_s: dict,
+) -> list[str]:
     r = args.rank
     lines = [
         f"Sparse fine-tuning (delta mode, `lora_equivalent_rank={r}`) vs LoRA r={r} (all linear layers) vs full "
@@ -401,10 +526,11 @@ def markdown(args, info: dict, command: str, timing: dict, accuracy: dict, compr
         lines.append(
             f"- Step time / memory: {', '.join(MODELS[m]['title'] for m in args.models)}; real MR batches (MiniLM 32 x "
             f"<=64 tokens, SmolLM2 4 x 256 packed tokens); forward + backward + AdamW; each configuration in a fresh "
-            f"process, {args.repeats} interleaved repeats x {args.steps} timed steps after {args.warmup} warm-up step(s); "
+            f"process, {args.repeats} interleaved repeats x {args.steps} timed steps after {args.warmup} warm-up "
+            "step(s); "
             "medians. Sparse timing uses the `random` criterion only: the criterion chooses which entries train, not "
             "what a step costs. Gradient / optimizer bytes: sum of `.grad` and AdamW state tensors after one step."
-        )  # fmt: skip
+        )
     if "accuracy" in args.parts:
         acc_models = ["MiniLM-L6 (MR classification)"]
         if args.smollm2_accuracy:
@@ -412,14 +538,17 @@ def markdown(args, info: dict, command: str, timing: dict, accuracy: dict, compr
         lines.append(
             f"- Accuracy: {', '.join(acc_models)}; MiniLM: {args.accuracy_steps} steps of batch 32 (<=64 tokens, "
             f"grouped by length), AdamW, 10% linear warm-up then linear decay; lr LoRA {args.lora_lr:g}, sparse "
-            f"{args.sparse_lr:g}, full {args.full_lr:g} (weight decay 0.01 for full as in `recipes/minilm_mr_sft.yaml`, "
+            f"{args.sparse_lr:g}, full {args.full_lr:g} (weight decay 0.01 for full as in "
+            "`recipes/minilm_mr_sft.yaml`, "
             f"0 otherwise); gradient / fisher masks from {args.calibration_batches} calibration batches; no "
             f"validation, no checkpoint selection; test on {_test_rows(accuracy)} MR test rows; seeds {args.seeds} "
             "(median). Learning rates were not tuned per method."
-        )  # fmt: skip
+        )
         if args.smollm2_accuracy:
-            lines.append(f"  SmolLM2: {args.smollm2_steps} steps of batch {args.smollm2_batch_size} (<=256 tokens), "
-                         f"lr LoRA / sparse as above, full {args.smollm2_full_lr:g}; test/choice_acc.")  # fmt: skip
+            lines.append(
+                f"  SmolLM2: {args.smollm2_steps} steps of batch {args.smollm2_batch_size} (<=256 tokens), "
+                f"lr LoRA / sparse as above, full {args.smollm2_full_lr:g}; test/choice_acc."
+            )
     if "compression" in args.parts:
         lines.append(
             f"- Compression: MiniLM fine-tuned in full for {args.accuracy_steps} steps (the accuracy part's run, seed "
@@ -427,53 +556,67 @@ def markdown(args, info: dict, command: str, timing: dict, accuracy: dict, compr
             f"to {args.param_ratio:g} of each targeted linear layer's parameters (`param_ratio`), all linear layers "
             f"but the classifier; `asvd` calibrated on {args.compress_calibration_batches} train batches; recovery: "
             f"LoRA r={r} on the factors (+ classifier head) for {args.recovery_steps} steps at lr {args.recovery_lr:g}."
-        )  # fmt: skip
+        )
     lines.append("")
     if timing:
-        lines += ["### Step time and memory", "",
-                  "| model | configuration | trainable params | median step (s) | step / LoRA | peak RSS (MB) | grads (MB) "
-                  "| optimizer state (MB) | grads + opt / LoRA | index buffers (MB) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "### Step time and memory",
+            "",
+            "| model | configuration | trainable params | median step (s) | step / LoRA | peak RSS (MB) | grads (MB) "
+            "| optimizer state (MB) | grads + opt / LoRA | index buffers (MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for model, per_method in timing.items():
             for t in per_method.values():
                 lines.append(
                     f"| {MODELS[model]['title']} | {t['name'].split(': ', 1)[1]} | {t['trainable_params'] / 1e6:.3f}M "
                     f"| {t['step_s']:.3f} "
                     f"| {_x(t['step_vs_lora'])} | {t['peak_rss_mb']:.0f} | {t['grad_bytes'] / MB:.2f} "
-                    f"| {t['optimizer_state_bytes'] / MB:.2f} | {_x(t['bytes_vs_lora'])} | {t['index_bytes'] / MB:.2f} |"
-                )  # fmt: skip
+                    f"| {t['optimizer_state_bytes'] / MB:.2f} | {_x(t['bytes_vs_lora'])} | "
+                    f"{t['index_bytes'] / MB:.2f} |"
+                )
         lines.append("")
     if accuracy:
-        lines += ["### Accuracy (MR test)", "",
-                  "| model | method | lr | trainable params | test acc (%) | vs LoRA (points) | test loss | final train loss "
-                  "| median step in fit (s) | fit (s) | peak RSS (MB) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "### Accuracy (MR test)",
+            "",
+            "| model | method | lr | trainable params | test acc (%) | vs LoRA (points) | test loss | final train loss "
+            "| median step in fit (s) | fit (s) | peak RSS (MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for model, rows in accuracy.items():
             for row in rows:
                 per_seed = "" if len(row["acc"]) == 1 else " (" + ", ".join(fmt_acc(a) for a in row["acc"]) + ")"
                 vs = "-" if row["acc_vs_lora_points"] is None else f"{row['acc_vs_lora_points']:+.2f}"
                 step = "-" if row["step_s_median"] is None else f"{row['step_s_median']:.2f}"
                 lines.append(
-                    f"| {MODELS[model]['title']} | {row['label']} | {row['lr']:g} | {row['trainable_params'] / 1e6:.3f}M "
+                    f"| {MODELS[model]['title']} | {row['label']} | {row['lr']:g} | "
+                    f"{row['trainable_params'] / 1e6:.3f}M "
                     f"| {fmt_acc(row['acc_median'])}{per_seed} | {vs} | {fmt_loss(row['loss_median'])} "
-                    f"| {statistics.median(row['final_train_loss']):.4f} | {step} | {statistics.median(row['fit_s']):.0f} "
+                    f"| {statistics.median(row['final_train_loss']):.4f} | {step} | "
+                    f"{statistics.median(row['fit_s']):.0f} "
                     f"| {statistics.median(row['peak_rss_mb']):.0f} |"
-                )  # fmt: skip
+                )
         lines.append("")
     if compression:
-        lines += [f"### Low-rank compression at param_ratio={args.param_ratio:g} (MiniLM-L6, MR test)", "",
-                  "| method | params (model) | targeted linear params | layers factorised | acc before (%) | compressed "
-                  "| recovered | gap closed | loss before | compressed | recovered |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"### Low-rank compression at param_ratio={args.param_ratio:g} (MiniLM-L6, MR test)",
+            "",
+            "| method | params (model) | targeted linear params | layers factorised | acc before (%) | compressed "
+            "| recovered | gap closed | loss before | compressed | recovered |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for c in compression:
             closed = "-" if c["gap_closed"] is None else f"{100 * c['gap_closed']:.0f}%"
             lines.append(
-                f"| {c['method']} | {c['params_before']['total'] / 1e6:.2f}M -> {c['params_after']['total'] / 1e6:.2f}M "
+                f"| {c['method']} | {c['params_before']['total'] / 1e6:.2f}M -> "
+                f"{c['params_after']['total'] / 1e6:.2f}M "
                 f"| {c['targeted_before'] / 1e6:.2f}M -> {c['targeted_after'] / 1e6:.2f}M "
                 f"| {c['layers_factorized']} / {c['layers_targeted']} | {fmt_acc(c['before']['acc'])} "
                 f"| {fmt_acc(c['compressed']['acc'])} | {fmt_acc(c['recovered']['acc'])} | {closed} "
-                f"| {fmt_loss(c['before']['loss'])} | {fmt_loss(c['compressed']['loss'])} | {fmt_loss(c['recovered']['loss'])} |"
-            )  # fmt: skip
+                f"| {fmt_loss(c['before']['loss'])} | {fmt_loss(c['compressed']['loss'])} | "
+                f"{fmt_loss(c['recovered']['loss'])} |"
+            )
         lines.append("")
     if target_rows:
         lines += ["### Targets (issue 4)", "", "| target | where | measured | result |", "|---|---|---|---|"]
@@ -485,7 +628,7 @@ def markdown(args, info: dict, command: str, timing: dict, accuracy: dict, compr
         "does. The int64 `indices` (8 bytes per entry) are persistent "
         "memory that LoRA does not have; they are listed apart, not counted as gradient or optimizer state. "
         "Part wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in part_s.items()) + ".",
-    ]  # fmt: skip
+    ]
     return lines
 
 
@@ -506,7 +649,11 @@ def plot(timing: dict, accuracy: dict, compression: list[dict], out_png: Path) -
 
     from lightning_ft.io import save_with_atomic
 
-    panels = [p for p, present in (("step", timing), ("bytes", timing), ("acc", accuracy), ("compress", compression)) if present]
+    panels = [
+        p
+        for p, present in (("step", timing), ("bytes", timing), ("acc", accuracy), ("compress", compression))
+        if present
+    ]
     if not panels:
         return
     cols = min(2, len(panels))
@@ -534,7 +681,9 @@ def plot(timing: dict, accuracy: dict, compression: list[dict], out_png: Path) -
                 ax.set_ylabel("gradients + AdamW state (MB, log)")
         elif panel == "acc":
             rows = [(MODELS[m]["title"], r) for m, rs in accuracy.items() for r in rs]
-            ax.barh(range(len(rows)), [100 * r["acc_median"] for _, r in rows], color=[colors[r["method"]] for _, r in rows])
+            ax.barh(
+                range(len(rows)), [100 * r["acc_median"] for _, r in rows], color=[colors[r["method"]] for _, r in rows]
+            )
             ax.set_yticks(range(len(rows)), [f"{t}: {r['label']}" for t, r in rows], fontsize=7)
             lo = min(100 * r["acc_median"] for _, r in rows)
             ax.set_xlim(max(0, lo - 5), 100 * max(r["acc_median"] for _, r in rows) + 2)
@@ -560,9 +709,19 @@ def plot(timing: dict, accuracy: dict, compression: list[dict], out_png: Path) -
 
 # ---- main ------------------------------------------------------------------------------------------------------
 def timing_configs(args) -> list[dict]:
-    return [{"name": f"{MODELS[m]['title']}: {method_name(method, args.rank, 'random')}", "kind": "timing", "model": m,
-             "method": method, "rank": args.rank, "steps": args.steps, "warmup": args.warmup}
-            for m in args.models for method in ("lora", "sparse", "full")]  # fmt: skip
+    return [
+        {
+            "name": f"{MODELS[m]['title']}: {method_name(method, args.rank, 'random')}",
+            "kind": "timing",
+            "model": m,
+            "method": method,
+            "rank": args.rank,
+            "steps": args.steps,
+            "warmup": args.warmup,
+        }
+        for m in args.models
+        for method in ("lora", "sparse", "full")
+    ]
 
 
 def accuracy_configs(args, save_dir: str | None) -> list[dict]:
@@ -572,15 +731,30 @@ def accuracy_configs(args, save_dir: str | None) -> list[dict]:
         plans.append(("smollm2", args.smollm2_steps, args.smollm2_batch_size, args.smollm2_full_lr))
     for seed in args.seeds:  # seeds outermost: a scaled-up run interleaves the methods
         for model, steps, batch_size, full_lr in plans:
-            methods = [("lora", None, args.lora_lr), *(("sparse", c, args.sparse_lr) for c in args.criteria),
-                       ("full", None, full_lr)]
+            methods = [
+                ("lora", None, args.lora_lr),
+                *(("sparse", c, args.sparse_lr) for c in args.criteria),
+                ("full", None, full_lr),
+            ]
             for method, criterion, lr in methods:
                 label = method_name(method, args.rank, criterion)
-                cfg = {"name": f"{MODELS[model]['title']}: {label} seed {seed}", "kind": "accuracy", "model": model,
-                       "label": label, "method": method, "criterion": criterion, "rank": args.rank, "lr": lr,
-                       "weight_decay": 0.01 if method == "full" else 0.0, "warmup_ratio": 0.1, "steps": steps,
-                       "batch_size": batch_size, "seed": seed, "calibration_batches": args.calibration_batches,
-                       "max_test_examples": args.max_test_examples}  # fmt: skip
+                cfg = {
+                    "name": f"{MODELS[model]['title']}: {label} seed {seed}",
+                    "kind": "accuracy",
+                    "model": model,
+                    "label": label,
+                    "method": method,
+                    "criterion": criterion,
+                    "rank": args.rank,
+                    "lr": lr,
+                    "weight_decay": 0.01 if method == "full" else 0.0,
+                    "warmup_ratio": 0.1,
+                    "steps": steps,
+                    "batch_size": batch_size,
+                    "seed": seed,
+                    "calibration_batches": args.calibration_batches,
+                    "max_test_examples": args.max_test_examples,
+                }
                 if save_dir and model == "minilm" and method == "full" and seed == args.seeds[0]:
                     cfg["save_dir"] = save_dir
                 configs.append(cfg)
@@ -589,8 +763,12 @@ def accuracy_configs(args, save_dir: str | None) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=["timing", "accuracy", "compression"],
-                        default=["timing", "accuracy", "compression"])  # fmt: skip
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["timing", "accuracy", "compression"],
+        default=["timing", "accuracy", "compression"],
+    )
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank = sparse lora_equivalent_rank")
     g = parser.add_argument_group("step time / memory")
     g.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
@@ -645,11 +823,22 @@ def main() -> None:
             part_s["accuracy" if "accuracy" in args.parts else "compression base"] = time.perf_counter() - start
         if "compression" in args.parts:
             start = time.perf_counter()
-            c_configs = [{"name": f"MiniLM-L6: {m} param_ratio={args.param_ratio:g}", "kind": "compress", "method": m,
-                          "param_ratio": args.param_ratio, "base_dir": base_dir, "rank": args.rank,
-                          "lr": args.recovery_lr, "warmup_ratio": 0.1, "steps": args.recovery_steps,
-                          "calibration_batches": args.compress_calibration_batches,
-                          "max_test_examples": args.max_test_examples} for m in args.compress_methods]  # fmt: skip
+            c_configs = [
+                {
+                    "name": f"MiniLM-L6: {m} param_ratio={args.param_ratio:g}",
+                    "kind": "compress",
+                    "method": m,
+                    "param_ratio": args.param_ratio,
+                    "base_dir": base_dir,
+                    "rank": args.rank,
+                    "lr": args.recovery_lr,
+                    "warmup_ratio": 0.1,
+                    "steps": args.recovery_steps,
+                    "calibration_batches": args.compress_calibration_batches,
+                    "max_test_examples": args.max_test_examples,
+                }
+                for m in args.compress_methods
+            ]
             runs.update(run_interleaved(__file__, c_configs, 1, []))
             part_s["compression"] = time.perf_counter() - start
     finally:
@@ -662,11 +851,17 @@ def main() -> None:
     info = machine()
     lines = markdown(args, info, command, timing, accuracy, compression, target_rows, part_s)
     payload = {
-        "command": command, "machine": info, "settings": {k: v for k, v in vars(args).items() if k != "worker"},
-        "timing": timing, "accuracy": accuracy, "compression": compression,
+        "command": command,
+        "machine": info,
+        "settings": {k: v for k, v in vars(args).items() if k != "worker"},
+        "timing": timing,
+        "accuracy": accuracy,
+        "compression": compression,
         "targets": [{"target": t, "where": w, "measured": m, "met": ok} for t, w, m, ok in target_rows],
-        "part_wall_s": part_s, "configs": t_configs + a_configs + c_configs, "runs": runs,
-    }  # fmt: skip
+        "part_wall_s": part_s,
+        "configs": t_configs + a_configs + c_configs,
+        "runs": runs,
+    }
     write_results(args.out, "sparse", payload, lines)
     plot(timing, accuracy, compression, Path(args.out) / "sparse.png")
     print("\n".join(lines))

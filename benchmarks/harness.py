@@ -24,11 +24,27 @@ LABELS = ["negative", "positive"]
 # 256 tokens, MiniLM on 32 sentences padded per batch to at most 64 tokens. ``max_train_examples``: enough rows for
 # the few batches a timing run takes (read and tokenized at start-up, so not more).
 BATCH_SHAPES = {
-    "smollm2": {"model": "smollm2-135m-instruct", "data": "instruction", "module_task": "causal_lm", "labels": None,
-                "batch_size": 4, "max_length": 256, "packing": True, "max_train_examples": 600},
-    "minilm": {"model": "all-minilm-l6-v2", "data": "classification", "module_task": "classification",
-               "labels": LABELS, "batch_size": 32, "max_length": 64, "packing": False, "max_train_examples": 4000},
-}  # fmt: skip
+    "smollm2": {
+        "model": "smollm2-135m-instruct",
+        "data": "instruction",
+        "module_task": "causal_lm",
+        "labels": None,
+        "batch_size": 4,
+        "max_length": 256,
+        "packing": True,
+        "max_train_examples": 600,
+    },
+    "minilm": {
+        "model": "all-minilm-l6-v2",
+        "data": "classification",
+        "module_task": "classification",
+        "labels": LABELS,
+        "batch_size": 32,
+        "max_length": 64,
+        "packing": False,
+        "max_train_examples": 4000,
+    },
+}
 
 
 def worker_main(run: Callable[[dict, argparse.Namespace], dict], args: argparse.Namespace) -> None:
@@ -66,8 +82,13 @@ def median_of(runs: list[dict], key: str) -> float:
 def machine() -> dict:
     import torch
 
-    return {"cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform()}  # fmt: skip
+    return {
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def write_results(out_dir: str | os.PathLike, stem: str, payload: dict, markdown: list[str]) -> None:
@@ -94,9 +115,15 @@ def mr_batches(shape: dict, n: int) -> list[dict]:
     for every configuration and repeat)."""
     import itertools
 
-    dm = mr_datamodule(shape["model"], shape["data"], labels=shape["labels"], max_length=shape["max_length"],
-                       batch_size=shape["batch_size"], packing=shape["packing"],
-                       max_train_examples=shape["max_train_examples"])  # fmt: skip
+    dm = mr_datamodule(
+        shape["model"],
+        shape["data"],
+        labels=shape["labels"],
+        max_length=shape["max_length"],
+        batch_size=shape["batch_size"],
+        packing=shape["packing"],
+        max_train_examples=shape["max_train_examples"],
+    )
     dm.setup("fit")
     return list(itertools.islice(dm.train_dataloader(), n))
 

@@ -44,7 +44,7 @@ def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
         return None
 
 
-# --- the loader a loop will use, before the loop has built it ----------------------------------------------------------
+# --- the loader a loop will use, before the loop has built it ---------------------------------------------------------
 # Checked against lightning 2.6.6: ``trainer.train_dataloader`` (public) is None until the fit loop's ``setup_data``
 # runs, after the ``setup`` / ``on_fit_start`` hooks where calibration happens. The loops' ``_data_source``
 # (a ``_DataLoaderSource``) resolves the user's loader/datamodule/module hook on demand.
@@ -70,7 +70,7 @@ def train_dataloader(trainer: L.Trainer) -> Any:
     return stage_dataloader(trainer, "fit")
 
 
-# --- FSDP1 activation checkpointing ------------------------------------------------------------------------------------
+# --- FSDP1 activation checkpointing -----------------------------------------------------------------------------------
 # Checked against lightning 2.6.6: ``FSDPStrategy.__init__`` turns ``activation_checkpointing_policy`` into
 # ``self._activation_checkpointing_kwargs`` (``{"auto_wrap_policy": ...}``); a strategy that chooses the layers later
 # (in ``setup``, once the model exists) overwrites that dict.
@@ -86,7 +86,7 @@ def set_activation_checkpointing_kwargs(strategy: Any, kwargs: dict[str, Any]) -
     strategy._activation_checkpointing_kwargs = kwargs  # lightning 2.6.6: FSDPStrategy attribute
 
 
-# --- strategies --------------------------------------------------------------------------------------------------------
+# --- strategies -------------------------------------------------------------------------------------------------------
 
 
 class BeforeLaunchHook:
@@ -108,7 +108,8 @@ class BeforeLaunchHook:
 def kill_launched_processes(launcher: Any, signum: int) -> bool:
     """Send ``signum`` to the processes Lightning's script launcher started (``Trainer(devices=N)`` from a script);
     False when ``launcher`` is another kind or started none."""
-    # lightning 2.6.6: lightning.pytorch.strategies.launchers.subprocess_script._SubprocessScriptLauncher (.procs, .kill)
+    # lightning 2.6.6: lightning.pytorch.strategies.launchers.subprocess_script._SubprocessScriptLauncher
+    # (.procs, .kill)
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
     if not isinstance(launcher, _SubprocessScriptLauncher) or not launcher.procs:

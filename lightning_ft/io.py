@@ -191,7 +191,8 @@ def check_output(
         )
     if folder and p.exists() and not p.is_dir():
         raise OutputPathError(
-            f"{what} {shown} is a file, not a folder: give the path of a folder ({what} is written as a folder of files)"
+            f"{what} {shown} is a file, not a folder: give the path of a folder ({what} is written as a folder of "
+            "files)"
         )
     if not folder and p.is_dir():
         example = os.path.join(given, "output")
@@ -241,7 +242,9 @@ def check_output(
         entries, empty = [p.name], p.stat().st_size == 0
     if not empty and not is_own(p):
         listed = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-        holds = f"holds files lightning-ft did not write ({listed})" if folder else "exists; lightning-ft did not write it"
+        holds = (
+            f"holds files lightning-ft did not write ({listed})" if folder else "exists; lightning-ft did not write it"
+        )
         instead = "a new or empty folder, or pass overwrite=True to replace it (everything in it is deleted)"
         raise OutputPathError(
             f"{what} {shown} {holds}; writing {what} would replace it whole. Give "

@@ -90,11 +90,13 @@ def takes_config(cls: type[MethodConfig], kwargs_name: str = "kwargs") -> Callab
         own = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
         fields = [
             inspect.Parameter(
-                f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name],
+                f.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=hints[f.name],
                 default=f.default if f.default is not dataclasses.MISSING else f.default_factory(),
             )
             for f in dataclasses.fields(cls)
-        ]  # fmt: skip
+        ]
         if any(p.kind is inspect.Parameter.KEYWORD_ONLY for p in own):
             raise TypeError("takes_config: write the function's own arguments as positional-or-keyword ones")
         keep_kw = [p for p in var_kw if p.name == kwargs_name]

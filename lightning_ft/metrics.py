@@ -81,8 +81,11 @@ class CausalLMMetrics(torch.nn.Module):
         self.acc.update(num_correct, num_tokens)
 
     def compute(self) -> dict[str, Tensor]:
-        return {f"{self.prefix}loss": self.loss.compute(), f"{self.prefix}ppl": self.ppl.compute(),
-                f"{self.prefix}acc": self.acc.compute()}  # fmt: skip
+        return {
+            f"{self.prefix}loss": self.loss.compute(),
+            f"{self.prefix}ppl": self.ppl.compute(),
+            f"{self.prefix}acc": self.acc.compute(),
+        }
 
     def reset(self) -> None:
         for m in (self.loss, self.ppl, self.acc):
@@ -148,7 +151,9 @@ def save_confusion_png(matrix: Tensor, labels: list[str], path: str | os.PathLik
     ax.set_ylabel("true")
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
-            ax.text(j, i, str(int(m[i, j])), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black")
+            ax.text(
+                j, i, str(int(m[i, j])), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black"
+            )
     ax.set_title(title)
     fig.tight_layout()
     save_with_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))

@@ -47,8 +47,11 @@ REGISTRY_ATTR = "_lightning_ft_checkpoint_checks"
 #: module attribute while the checks' on_load_checkpoint calls the module's own: id of the checkpoint checked
 CHECKED_ATTR = "_lightning_ft_checked"
 #: entries of checkpoints written before the entries named their callback
-KNOWN_ENTRIES = {"lightning_ft_lora": "LoRA", "lightning_ft_sparse": "SparseMask",
-                 "lightning_ft_low_rank": "LowRankCompression"}  # fmt: skip
+KNOWN_ENTRIES = {
+    "lightning_ft_lora": "LoRA",
+    "lightning_ft_sparse": "SparseMask",
+    "lightning_ft_low_rank": "LowRankCompression",
+}
 SAMPLES_PER_TENSOR = 8
 MAX_SAMPLED_TENSORS = 256
 RTOL, ATOL = 1e-2, 1e-6

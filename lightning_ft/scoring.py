@@ -51,7 +51,10 @@ def score_choices(
         raise ValueError("every choice needs at least one token")
     prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos, use_cache=True,
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=prompt_pos,
+        use_cache=True,
         **_last_logits_only(model),
     )
     first = torch.log_softmax(out.logits[:, -1].float(), -1)  # (B, V): predicts each choice's first token

@@ -54,9 +54,7 @@ VAL_FRACTION = TEST_FRACTION = 0.1
 BALANCE_TOLERANCE = 0.02  # each split's positive share may differ from the overall share by at most this
 FORMAT_VERSION = 1  # bump when the written files change for the same seed
 
-PROMPT_TEMPLATE = (
-    "Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: {text}"
-)
+PROMPT_TEMPLATE = "Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: {text}"
 
 Row = dict[str, Any]
 

@@ -134,7 +134,10 @@ def print_summary(summary: dict, out: Path) -> None:
     for key in ("adapter_dir", "merged_dir"):
         if summary[key]:
             print(f"{key:<25} {summary[key]}")
-    print(f"wall time                 {summary['wall_time_s']:.0f} s (everything in this script; fit {summary['fit_time_s']:.0f} s)")
+    print(
+        f"wall time                 {summary['wall_time_s']:.0f} s (everything in this script; fit "
+        f"{summary['fit_time_s']:.0f} s)"
+    )
     if summary["train_tokens_per_s"]:
         print(f"training tokens/s         {summary['train_tokens_per_s']:.0f}")
     print(f"summary                   {out / 'summary.json'}")

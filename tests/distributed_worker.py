@@ -54,42 +54,76 @@ class TrainableBytes(L.Callback):
 
 
 def fit(
-    pretrained: str, rows: str, out: Path, strategy="auto", devices: int = 1, num_nodes: int = 1, max_steps: int = 5,
-    ckpt_path: str | None = None, checkpoint_every: int | None = None, callbacks: list | None = None,
-    method: str = "lora", accumulate: int = 1,
-) -> L.Trainer:  # fmt: skip
+    pretrained: str,
+    rows: str,
+    out: Path,
+    strategy="auto",
+    devices: int = 1,
+    num_nodes: int = 1,
+    max_steps: int = 5,
+    ckpt_path: str | None = None,
+    checkpoint_every: int | None = None,
+    callbacks: list | None = None,
+    method: str = "lora",
+    accumulate: int = 1,
+) -> L.Trainer:
     """Seed, build the module (LoRA or sparse) and data, fit ``max_steps`` and export into ``out``."""
     L.seed_everything(0, verbose=False)
     common = dict(
-        learning_rate=5e-3, weight_decay=0.01, target_modules=["q_proj", "v_proj", "up_proj"],
-        adapter_dir=str(out / "adapter"), merged_dir=str(out / "merged"),
-    )  # fmt: skip
+        learning_rate=5e-3,
+        weight_decay=0.01,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        adapter_dir=str(out / "adapter"),
+        merged_dir=str(out / "merged"),
+    )
     if method == "lora":
         module = LoRAModule(pretrained, r=4, alpha=8, **common)
     else:  # magnitude masks: gradient criteria score per-device batches, whose size differs between the runs
         module = SparseModule(pretrained, density=0.05, criterion="magnitude", **common)
-    data = FineTuneDataModule(pretrained, task="instruction", train=rows, max_length=64,
-                              batch_size=GLOBAL_BATCH // (devices * num_nodes * accumulate))  # fmt: skip
+    data = FineTuneDataModule(
+        pretrained,
+        task="instruction",
+        train=rows,
+        max_length=64,
+        batch_size=GLOBAL_BATCH // (devices * num_nodes * accumulate),
+    )
     callbacks = list(callbacks or [])
     if checkpoint_every:
         kwargs = dict(every_n_train_steps=checkpoint_every, save_top_k=-1, filename="{step}")
         callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", **kwargs))
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy=strategy, max_steps=max_steps,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        enable_checkpointing=bool(checkpoint_every), callbacks=callbacks, default_root_dir=out, deterministic=True,
+        accelerator="cpu",
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        enable_checkpointing=bool(checkpoint_every),
+        callbacks=callbacks,
+        default_root_dir=out,
+        deterministic=True,
         accumulate_grad_batches=accumulate,
-    )  # fmt: skip
+    )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer
 
 
 def validate(module: L.LightningModule, pretrained: str, rows: str, strategy="auto", devices: int = 1) -> float:
     """The validation loss of a fitted ``module`` on ``rows`` under a new Trainer."""
-    data = FineTuneDataModule(pretrained, task="instruction", train=rows, val=rows, max_length=64,
-                              batch_size=GLOBAL_BATCH // devices)  # fmt: skip
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False)  # fmt: skip
+    data = FineTuneDataModule(
+        pretrained, task="instruction", train=rows, val=rows, max_length=64, batch_size=GLOBAL_BATCH // devices
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     return trainer.validate(module, data, verbose=False)[0]["val/loss"]
 
 
@@ -124,11 +158,21 @@ def main(argv: list[str]) -> None:
         report = {"allreduce_bytes": strategy.comm_counter.bytes, "trainable_bytes": counted.bytes}
         strategy = AdapterDDPStrategy(timeout=TIMEOUT_S)
         fit(out=args.out / "sparse", strategy=strategy, method="sparse", **common)
-        fit(out=args.out / "accumulated", strategy=AdapterDDPStrategy(timeout=TIMEOUT_S), accumulate=2,
-            checkpoint_every=3, **common)  # fmt: skip
+        fit(
+            out=args.out / "accumulated",
+            strategy=AdapterDDPStrategy(timeout=TIMEOUT_S),
+            accumulate=2,
+            checkpoint_every=3,
+            **common,
+        )
         ckpt = args.out / "accumulated" / "ckpt" / "step=3.ckpt"  # 5 steps (10 micro-batches) an epoch: mid-epoch
-        fit(out=args.out / "resumed", strategy=AdapterDDPStrategy(timeout=TIMEOUT_S), accumulate=2,
-            ckpt_path=str(ckpt), **common)  # fmt: skip
+        fit(
+            out=args.out / "resumed",
+            strategy=AdapterDDPStrategy(timeout=TIMEOUT_S),
+            accumulate=2,
+            ckpt_path=str(ckpt),
+            **common,
+        )
     else:
         strategy = AdapterFSDP2Strategy(activation_checkpointing=True, timeout=TIMEOUT_S)
         trainer = fit(out=args.out, strategy=strategy, max_steps=10, checkpoint_every=3, **common)

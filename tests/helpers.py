@@ -32,7 +32,9 @@ def make_tokenizer(chat_template: bool = True):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>"
@@ -47,9 +49,16 @@ def tiny_llama(vocab_size: int, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -58,9 +67,14 @@ def tiny_bert(vocab_size: int, num_labels: int = 2, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=128, num_labels=num_labels,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+    )
     return BertForSequenceClassification(cfg).eval()
 
 
@@ -139,9 +153,15 @@ def quick_trainer(tmp_path, max_steps=8, **kw) -> L.Trainer:
     kw.setdefault("limit_val_batches", 0)
     kw.setdefault("enable_checkpointing", False)
     return L.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, **kw,
-    )  # fmt: skip
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kw,
+    )
 
 
 def lm_data(tokenizer, n=20, **kw):
@@ -149,7 +169,9 @@ def lm_data(tokenizer, n=20, **kw):
     from lightning_ft import FineTuneDataModule
 
     kw.setdefault("batch_size", 4)
-    return FineTuneDataModule(tokenizer, task="instruction", train=instruction_rows(n), val=instruction_rows(8), max_length=128, **kw)
+    return FineTuneDataModule(
+        tokenizer, task="instruction", train=instruction_rows(n), val=instruction_rows(8), max_length=128, **kw
+    )
 
 
 def eval_logits(model, batch) -> torch.Tensor:

@@ -20,20 +20,38 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is
 
 def small_run(recipe: str, tmp_path: Path, *extra: str) -> list[str]:
     return [
-        "fit", "--config", str(ROOT / "recipes" / recipe),
-        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-        "--trainer.log_every_n_steps", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--data.max_train_examples", "64", "--data.max_eval_examples", "16", *extra,
-    ]  # fmt: skip
+        "fit",
+        "--config",
+        str(ROOT / "recipes" / recipe),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--data.max_train_examples",
+        "64",
+        "--data.max_eval_examples",
+        "16",
+        *extra,
+    ]
 
 
 @pytest.mark.integration
 def test_fit_minilm_recipe_from_the_console_script(tmp_path):
     require_packaged("all-minilm-l6-v2")
     mr = require_mr()
-    args = small_run("minilm_mr_sft.yaml", tmp_path, "--data.batch_size", "8", "--model.init_args.learning_rate", "3e-5")
+    args = small_run(
+        "minilm_mr_sft.yaml", tmp_path, "--data.batch_size", "8", "--model.init_args.learning_rate", "3e-5"
+    )
     for split in ("train", "val", "test"):
         args += [f"--data.{split}", f"{mr}/classification/{split}.jsonl"]
     exe = Path(sys.executable).parent / "lightning-ft"
@@ -51,9 +69,17 @@ def test_fit_smollm2_recipe_with_overrides(tmp_path):
     require_packaged("smollm2-135m-instruct")
     mr = require_mr()
     args = small_run(
-        "smollm2_mr_sft.yaml", tmp_path, "--data.batch_size", "2", "--data.eval_batch_size", "2",
-        "--data.max_length", "128", "--trainer.precision", "32-true",
-    )  # fmt: skip
+        "smollm2_mr_sft.yaml",
+        tmp_path,
+        "--data.batch_size",
+        "2",
+        "--data.eval_batch_size",
+        "2",
+        "--data.max_length",
+        "128",
+        "--trainer.precision",
+        "32-true",
+    )
     for split in ("train", "val", "test"):
         args += [f"--data.{split}", f"{mr}/instruction/{split}.jsonl"]
     cli = make_cli(args)
@@ -69,11 +95,22 @@ def test_links_model_name_task_and_labels(tmp_path, tokenizer):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(8)))
     cli = make_cli(
-        ["--model", "lightning_ft.SFTModule", "--model.init_args.model_name_or_path", "some-org/some-model",
-         "--data.task", "classification", "--data.train", str(rows), "--data.labels", "[negative, positive]",
-         "--trainer.default_root_dir", str(tmp_path)],
+        [
+            "--model",
+            "lightning_ft.SFTModule",
+            "--model.init_args.model_name_or_path",
+            "some-org/some-model",
+            "--data.task",
+            "classification",
+            "--data.train",
+            str(rows),
+            "--data.labels",
+            "[negative, positive]",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
         run=False,
-    )  # fmt: skip
+    )
     assert cli.datamodule._tokenizer == "some-org/some-model"
     assert cli.model.task == "classification"
     assert cli.model.labels == ["negative", "positive"]
@@ -81,8 +118,17 @@ def test_links_model_name_task_and_labels(tmp_path, tokenizer):
 
 def test_unknown_task_is_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        make_cli(["--model", "lightning_ft.SFTModule", "--model.init_args.model_name_or_path", "a/b",
-                  "--data.task", "regression"], run=False)  # fmt: skip
+        make_cli(
+            [
+                "--model",
+                "lightning_ft.SFTModule",
+                "--model.init_args.model_name_or_path",
+                "a/b",
+                "--data.task",
+                "regression",
+            ],
+            run=False,
+        )
     assert "regression" in capsys.readouterr().err
 
 
@@ -93,7 +139,12 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     args = small_run("minilm_mr_sft.yaml", tmp_path, "--data.batch_size", "8")
-    args += ["--config", str(ROOT / "recipes" / "wandb_logger.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    args += [
+        "--config",
+        str(ROOT / "recipes" / "wandb_logger.yaml"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+    ]
     for split in ("train", "val", "test"):
         args += [f"--data.{split}", f"{mr}/classification/{split}.jsonl"]
     cli = make_cli(args)
@@ -110,10 +161,20 @@ def test_lora_main_job_on_smollm2(tmp_path):
     from mr_main_job import main
 
     args = small_run(
-        "smollm2_mr_lora.yaml", tmp_path, "--data.batch_size", "2", "--data.eval_batch_size", "4",
-        "--data.max_length", "128", "--model.init_args.r", "4",
-        "--model.init_args.adapter_dir", str(tmp_path / "adapter"),
-        "--model.init_args.merged_dir", str(tmp_path / "merged"),
+        "smollm2_mr_lora.yaml",
+        tmp_path,
+        "--data.batch_size",
+        "2",
+        "--data.eval_batch_size",
+        "4",
+        "--data.max_length",
+        "128",
+        "--model.init_args.r",
+        "4",
+        "--model.init_args.adapter_dir",
+        str(tmp_path / "adapter"),
+        "--model.init_args.merged_dir",
+        str(tmp_path / "merged"),
     )[1:]  # no subcommand: the script runs fit and test itself
     for split in ("train", "val", "test"):
         args += [f"--data.{split}", f"{mr}/instruction/{split}.jsonl"]
@@ -148,21 +209,56 @@ def classification_args(tmp_path: Path, model: str, *extra: str) -> list[str]:
     """``fit`` of a classifier on 8 rows for one step, quiet; no ``--data.labels``."""
     rows = write_rows(tmp_path / "rows.jsonl", sentiment_rows(8))
     return [
-        "fit", "--model", "lightning_ft.SFTModule", "--model.init_args.model_name_or_path", model,
-        "--data.task", "classification", "--data.train", rows, "--data.max_length", "32", "--data.batch_size", "4",
-        "--trainer.max_steps", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.logger", "false",
-        "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(tmp_path), *extra,
-    ]  # fmt: skip
+        "fit",
+        "--model",
+        "lightning_ft.SFTModule",
+        "--model.init_args.model_name_or_path",
+        model,
+        "--data.task",
+        "classification",
+        "--data.train",
+        rows,
+        "--data.max_length",
+        "32",
+        "--data.batch_size",
+        "4",
+        "--trainer.max_steps",
+        "1",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        *extra,
+    ]
 
 
 def test_classification_labels_are_inferred_when_not_given(tmp_path):
     rows = write_rows(tmp_path / "rows.jsonl", sentiment_rows(8))
     cli = make_cli(
-        ["--model", "lightning_ft.SFTModule", "--model.init_args.model_name_or_path", "some-org/some-model",
-         "--data.task", "classification", "--data.train", rows, "--trainer.default_root_dir", str(tmp_path)],
+        [
+            "--model",
+            "lightning_ft.SFTModule",
+            "--model.init_args.model_name_or_path",
+            "some-org/some-model",
+            "--data.task",
+            "classification",
+            "--data.train",
+            rows,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
         run=False,
-    )  # fmt: skip
+    )
     assert cli.model.labels == cli.datamodule.labels == ["negative", "positive"]
     assert cli.model.hparams.labels == ["negative", "positive"]  # what a checkpoint records
 
@@ -170,8 +266,14 @@ def test_classification_labels_are_inferred_when_not_given(tmp_path):
 def test_fit_with_inferred_labels_and_a_logger(tmp_path, tiny_classifier):
     """Module and data hparams are merged for the logger (Lightning refuses one key with two values)."""
     args = classification_args(tmp_path, tiny_classifier, "--data.val", str(tmp_path / "rows.jsonl"))
-    args += ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(tmp_path),
-             "--trainer.limit_val_batches", "1"]  # fmt: skip
+    args += [
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--trainer.limit_val_batches",
+        "1",
+    ]
     main(args)
     hparams = (tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text()
     assert re.search(r"labels:\n- negative\n- positive", hparams)
@@ -182,9 +284,15 @@ def test_fit_help_lists_the_module_arguments_and_no_optimizer(capsys):
         main(["fit", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    shared, lora, sparse = (out.split(marker, 1)[1] for marker in ("Shared by every module:", "LoRAModule (", "SparseModule ("))
+    shared, lora, sparse = (
+        out.split(marker, 1)[1] for marker in ("Shared by every module:", "LoRAModule (", "SparseModule (")
+    )
     assert "--model.init_args.learning_rate" in shared and "--model.init_args.warmup_ratio" in shared
-    assert "--model.init_args.r R" in lora and "--model.init_args.use_dora" in lora and "--model.init_args.adapter_dir" in lora
+    assert (
+        "--model.init_args.r R" in lora
+        and "--model.init_args.use_dora" in lora
+        and "--model.init_args.adapter_dir" in lora
+    )
     assert "--model.init_args.density" in sparse and "--model.init_args.criterion" in sparse
     assert "--optimizer" not in out and "--lr_scheduler" not in out
 
@@ -192,17 +300,36 @@ def test_fit_help_lists_the_module_arguments_and_no_optimizer(capsys):
 INVALID = [
     ("batch-size-0", ["--data.batch_size", "0"], r"batch_size must be a whole number of at least 1, got 0"),
     ("batch-size-not-an-int", ["--data.batch_size", "abc"], r"data\.batch_size: expected int, got abc\."),
-    ("unknown-scheduler", ["--model.init_args.scheduler", "foo"],
-     r"model\.init_args\.scheduler of lightning_ft\.SFTModule: expected one of 'linear', 'cosine', 'constant', got foo"),
-    ("argument-of-another-module", ["--model.init_args.r", "4"], r"model\.init_args of lightning_ft\.SFTModule: Option 'r'"),
+    (
+        "unknown-scheduler",
+        ["--model.init_args.scheduler", "foo"],
+        r"model\.init_args\.scheduler of lightning_ft\.SFTModule: expected one of 'linear', 'cosine', 'constant', "
+        r"got foo",
+    ),
+    (
+        "argument-of-another-module",
+        ["--model.init_args.r", "4"],
+        r"model\.init_args of lightning_ft\.SFTModule: Option 'r'",
+    ),
     ("duplicate-labels", ["--data.labels", "[a, a]"], r"`labels` \['a', 'a'\] name \['a'\] more than once"),
-    ("optimizer", ["--optimizer", "SGD"], r"unrecognized arguments: --optimizer SGD\. The modules build their own AdamW"),
+    (
+        "optimizer",
+        ["--optimizer", "SGD"],
+        r"unrecognized arguments: --optimizer SGD\. The modules build their own AdamW",
+    ),
     ("missing-train-file", ["--data.train", "missing.jsonl"], r"train: file missing\.jsonl does not exist"),
     ("no-train-no-labels", ["--data.train", "null"], r"there is no `data\.train`: give the ordered label set"),
-    ("mixed-labels", ["--data.train", "MIXED"], r"train row 1: label 'negative' is a string but row 0 has the int label 1"),
-    ("mixed-labels-given-labels", ["--data.train", "MIXED", "--data.labels", "[negative, positive]"],
-     r"train row 1: label 'negative' is a string but row 0 has the int label 1"),
-]  # fmt: skip
+    (
+        "mixed-labels",
+        ["--data.train", "MIXED"],
+        r"train row 1: label 'negative' is a string but row 0 has the int label 1",
+    ),
+    (
+        "mixed-labels-given-labels",
+        ["--data.train", "MIXED", "--data.labels", "[negative, positive]"],
+        r"train row 1: label 'negative' is a string but row 0 has the int label 1",
+    ),
+]
 
 
 @pytest.mark.parametrize("extra, pattern", [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])

@@ -22,8 +22,16 @@ from lightning_ft import _compat
 
 
 def tiny_trainer(**kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, max_steps=1, limit_val_batches=0, logger=False,
-                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     return L.Trainer(**{**defaults, **kwargs})
 
 

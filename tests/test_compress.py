@@ -312,13 +312,21 @@ class Snapshot(L.Callback):
 
 
 def fit(tmp_path, tokenizer, module, callbacks, steps=2):
-    dm = FineTuneDataModule(tokenizer, task="instruction", train=instruction_rows(8), val=instruction_rows(4),
-                            max_length=64, batch_size=4)
+    dm = FineTuneDataModule(
+        tokenizer, task="instruction", train=instruction_rows(8), val=instruction_rows(4), max_length=64, batch_size=4
+    )
     t = L.Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, default_root_dir=tmp_path,
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
         callbacks=callbacks,
-    )  # fmt: skip
+    )
     t.fit(module, dm)
     return t, dm
 
@@ -341,9 +349,11 @@ def test_callback_runs_before_lora_and_only_adapters_train(tmp_path, tokenizer, 
     module = (LazyUserLM if lazy else UserLM)(len(tokenizer))
     calls = []
     compression = LowRankCompression(
-        param_ratio=0.5, method="asvd", calibration_batches=2,
+        param_ratio=0.5,
+        method="asvd",
+        calibration_batches=2,
         calibration_forward=lambda m, batch: calls.append(m.model(input_ids=batch["input_ids"])),
-    )  # fmt: skip
+    )
     snap = Snapshot()
     callbacks = [LoRA(r=2), compression, snap] if lora_first else [compression, LoRA(r=2), snap]
     t, dm = fit(tmp_path, tokenizer, module, callbacks)

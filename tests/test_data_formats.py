@@ -348,8 +348,10 @@ def test_classification_missing_column(tokenizer) -> None:
 
 
 def test_classification_text_pair_token_type_ids(bert_tokenizer) -> None:
-    rows = [{"premise": "the movie", "hypothesis": "was great", "label": "yes"},
-            {"premise": "a dull film", "hypothesis": "no plot at all", "label": "no"}]  # fmt: skip
+    rows = [
+        {"premise": "the movie", "hypothesis": "was great", "label": "yes"},
+        {"premise": "a dull film", "hypothesis": "no plot at all", "label": "no"},
+    ]
     fmt = ClassificationFormat(["no", "yes"], text_column="premise", text_pair_column="hypothesis")
     split = fmt.encode(rows, bert_tokenizer, 64, "train")
     for row, ex in zip(rows, split.examples):

@@ -68,14 +68,31 @@ def finish(procs: list[tuple[subprocess.Popen, object]], timeout: float = TIMEOU
 
 def torchrun(nproc: int, port: int, *args: str, nnodes: int = 1, node_rank: int = 0) -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
-        f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}", *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        f"--node_rank={node_rank}",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        *args,
+    ]
 
 
 def worker_args(assets: dict, out: Path, mode: str, *extra: str) -> list[str]:
-    return [str(WORKER), "--mode", mode, "--pretrained", assets["pretrained"], "--rows", assets["rows"],
-            "--out", str(out), *extra]  # fmt: skip
+    return [
+        str(WORKER),
+        "--mode",
+        mode,
+        "--pretrained",
+        assets["pretrained"],
+        "--rows",
+        assets["rows"],
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def assert_same_exports(reference: Path, other: Path, atol: float = 1e-5) -> None:
@@ -202,10 +219,15 @@ def test_two_nodes_through_the_launch_script_match_single_process(tmp_path, asse
     port = str(free_port())
     procs = [
         start(
-            ["bash", str(ROOT / "recipes" / "launch_torchrun.sh"), str(config)], tmp_path / f"node{rank}.log",
-            NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="1", MASTER_PORT=port, STRATEGY="adapter_fsdp2",
+            ["bash", str(ROOT / "recipes" / "launch_torchrun.sh"), str(config)],
+            tmp_path / f"node{rank}.log",
+            NNODES="2",
+            NODE_RANK=str(rank),
+            NPROC_PER_NODE="1",
+            MASTER_PORT=port,
+            STRATEGY="adapter_fsdp2",
             PYTHON=sys.executable,
-        )  # fmt: skip
+        )
         for rank in (0, 1)
     ]
     assert finish(procs) == [0, 0], log_text(tmp_path / "node0.log")[-3000:]
@@ -224,12 +246,20 @@ def test_slurm_script_runs_two_tasks_through_srun(tmp_path, assets, single):
     )
     (fake / "srun").chmod(0o755)
     config = cli_config(tmp_path, assets, batch_size=2)
-    slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1",
-             "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "lightning-ft", "SLURM_NODELIST": "127.0.0.1",
-             "MASTER_PORT": str(free_port())}  # fmt: skip
+    slurm = {
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "lightning-ft",
+        "SLURM_NODELIST": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
     path = f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}"
-    proc = start(["bash", str(ROOT / "recipes" / "launch_slurm.sbatch"), str(config)], tmp_path / "job.log",
-                 PATH=path, **slurm)  # fmt: skip
+    proc = start(
+        ["bash", str(ROOT / "recipes" / "launch_slurm.sbatch"), str(config)], tmp_path / "job.log", PATH=path, **slurm
+    )
     assert finish([proc]) == [0], log_text(tmp_path / "job.log")[-3000:]
     assert "MEMBER: 2/2" in log_text(tmp_path / "job.log")
     assert_same_exports(single[5], tmp_path)
@@ -248,8 +278,16 @@ def test_more_cpu_processes_than_cores_fail_at_trainer_construction():
 
 
 def test_devices_must_match_the_processes_torchrun_started(monkeypatch):
-    env = {"TORCHELASTIC_RUN_ID": "test", "RANK": "0", "GROUP_RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
-           "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}  # fmt: skip
+    env = {
+        "TORCHELASTIC_RUN_ID": "test",
+        "RANK": "0",
+        "GROUP_RANK": "0",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "2",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(ValueError, match=r"does not match the world size \(2\)"):
@@ -260,8 +298,10 @@ def test_devices_must_match_the_processes_torchrun_started(monkeypatch):
 def test_an_exception_on_one_node_ends_the_run_on_every_node(tmp_path, assets):
     port = free_port()
     procs = [
-        start(torchrun(1, port, *worker_args(assets, tmp_path, "fail", "--num_nodes", "2"), nnodes=2, node_rank=r),
-              tmp_path / f"node{r}.log")  # fmt: skip
+        start(
+            torchrun(1, port, *worker_args(assets, tmp_path, "fail", "--num_nodes", "2"), nnodes=2, node_rank=r),
+            tmp_path / f"node{r}.log",
+        )
         for r in (0, 1)
     ]
     assert all(code != 0 for code in finish(procs))
@@ -271,8 +311,10 @@ def test_an_exception_on_one_node_ends_the_run_on_every_node(tmp_path, assets):
 
 def test_an_exception_in_the_launching_process_stops_the_others(tmp_path, assets):
     """Without torchrun, Lightning starts rank 1 itself; when rank 0 raises, the strategy stops rank 1."""
-    proc = start([sys.executable, *worker_args(assets, tmp_path, "fail", "--devices", "2", "--fail_rank", "0")],
-                 tmp_path / "run.log")  # fmt: skip
+    proc = start(
+        [sys.executable, *worker_args(assets, tmp_path, "fail", "--devices", "2", "--fail_rank", "0")],
+        tmp_path / "run.log",
+    )
     assert finish([proc]) != [0]
     text = log_text(tmp_path / "run.log")
     assert "RuntimeError: planned failure on rank 0 at step 2" in text
@@ -293,7 +335,7 @@ def test_merged_state_dict_equals_merging_in_place(tokenizer):
     model = tiny_llama(len(tokenizer))
     inject_lora(model, r=4, use_dora=True, use_rslora=True, bias="lora_only", rank_pattern={"v_proj": 2})
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     gathered = {k: v.clone() for k, v in model.state_dict().items()}
@@ -319,8 +361,12 @@ def test_fsdp1_units_never_mix_frozen_and_trainable_parameters(tokenizer):
     units = adapter_wrap_modules(model)
     assert mixed_units(model, units) == {}
     names = {n for n, m in model.named_modules() if m in units}
-    assert {"model.layers.0", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.q_proj.base_layer",
-            "lm_head"} <= names  # fmt: skip
+    assert {
+        "model.layers.0",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.q_proj.base_layer",
+        "lm_head",
+    } <= names
     policy = adapter_wrap_policy()
     assert policy(model, recurse=True, nonwrapped_numel=0)
     assert policy(model.model.layers[0].mlp.up_proj, recurse=False, nonwrapped_numel=0)

@@ -17,6 +17,7 @@ from lightning_ft import FineTuneDataModule, LoRAModule, SFTModule, SparseModule
 from lightning_ft.callbacks.token_loss import TokenMeanLoss
 from lightning_ft.modules.objectives import causal_lm_sums
 
+
 @pytest.fixture(autouse=True)
 def _in_tmp_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # Trainers here have no root folder: anything they write lands in tmp_path
@@ -40,7 +41,6 @@ class StepRecorder(L.Callback):
         self.grads.append({n: p.grad.detach().clone() for n, p in named if p.grad is not None})
 
 
-
 def make_module(method: str, vocab: int):
     model = tiny_llama(vocab)
     if method == "sft":
@@ -53,10 +53,13 @@ def make_module(method: str, vocab: int):
 def run(tokenizer, method: str, batch_size: int, accumulate: int, packing: bool, steps: int = 3, **trainer_kw):
     L.seed_everything(0, verbose=False)
     module = make_module(method, len(tokenizer))
-    data = FineTuneDataModule(tokenizer, task="instruction", train=varied_rows(8), max_length=256,
-                              batch_size=batch_size, packing=packing)  # fmt: skip
+    data = FineTuneDataModule(
+        tokenizer, task="instruction", train=varied_rows(8), max_length=256, batch_size=batch_size, packing=packing
+    )
     recorder = StepRecorder()
-    trainer = quick_trainer(None, max_steps=steps, accumulate_grad_batches=accumulate, callbacks=[recorder], **trainer_kw)
+    trainer = quick_trainer(
+        None, max_steps=steps, accumulate_grad_batches=accumulate, callbacks=[recorder], **trainer_kw
+    )
     trainer.fit(module, data)
     params = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     return recorder, params
@@ -98,8 +101,10 @@ def test_logged_loss_is_the_token_level_mean_of_the_step(tokenizer):
     data.setup("fit")
     batches = list(data.train_dataloader())
     with torch.no_grad():
-        sums = [causal_lm_sums(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
-                for b in batches]  # fmt: skip
+        sums = [
+            causal_lm_sums(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+            for b in batches
+        ]
     expected = float(sum(s[0] for s in sums) / sum(s[1] for s in sums))
     per_batch_means = sum(float(s[0] / s[1]) for s in sums) / len(sums)
     assert abs(expected - per_batch_means) > 1e-3  # the data tells the two apart
@@ -120,8 +125,13 @@ def test_classification_short_last_batch_weighs_each_row_once(tokenizer):
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
         module = SFTModule(model=model, task="classification", labels=["negative", "positive"], learning_rate=1e-3)
-        data = FineTuneDataModule(tokenizer, task="classification", train=sentiment_rows(10), batch_size=batch_size,
-                                  labels=["negative", "positive"])  # fmt: skip
+        data = FineTuneDataModule(
+            tokenizer,
+            task="classification",
+            train=sentiment_rows(10),
+            batch_size=batch_size,
+            labels=["negative", "positive"],
+        )
         rec = StepRecorder()
         quick_trainer(None, max_steps=2, accumulate_grad_batches=accumulate, callbacks=[rec]).fit(module, data)
         return rec
@@ -150,8 +160,9 @@ def test_a_users_module_with_summed_loss_and_the_callback(tokenizer):
     def fit(batch_size, accumulate):
         L.seed_everything(0, verbose=False)
         module = UserModule()
-        data = FineTuneDataModule(tokenizer, task="instruction", train=varied_rows(8), max_length=256,
-                                  batch_size=batch_size)  # fmt: skip
+        data = FineTuneDataModule(
+            tokenizer, task="instruction", train=varied_rows(8), max_length=256, batch_size=batch_size
+        )
         rec = StepRecorder()
         quick_trainer(None, max_steps=2, accumulate_grad_batches=accumulate, callbacks=[TokenMeanLoss(), rec]).fit(
             module, data
@@ -185,12 +196,15 @@ def test_validation_loss_is_token_weighted_over_the_split(tokenizer):
     """val/loss and val/ppl over 4 batches of very unequal token counts: one mean over every target token."""
     L.seed_everything(0, verbose=False)
     model = tiny_llama(len(tokenizer))
-    data = FineTuneDataModule(tokenizer, task="instruction", train=varied_rows(8), val=varied_rows(8), max_length=256,
-                              batch_size=2)  # fmt: skip
+    data = FineTuneDataModule(
+        tokenizer, task="instruction", train=varied_rows(8), val=varied_rows(8), max_length=256, batch_size=2
+    )
     data.setup("validate")
     with torch.no_grad():
-        sums = [causal_lm_sums(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
-                for b in data.val_dataloader()]  # fmt: skip
+        sums = [
+            causal_lm_sums(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+            for b in data.val_dataloader()
+        ]
     expected = float(sum(s[0] for s in sums) / sum(s[1] for s in sums))
     per_batch_means = sum(float(s[0] / s[1]) for s in sums) / len(sums)
     assert len(sums) == 4 and abs(expected - per_batch_means) > 1e-3
@@ -224,8 +238,10 @@ def test_a_micro_batch_without_a_loss_adds_no_targets(tokenizer):
 
     data.setup("fit")
     kept = [b for i, b in enumerate(data.train_dataloader()) if i != 1]
-    sums = [causal_lm_sums(reference(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
-            for b in kept]  # fmt: skip
+    sums = [
+        causal_lm_sums(reference(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        for b in kept
+    ]
     count = sum(int(s[1]) for s in sums)
     loss = sum(s[0] for s in sums) / count
     loss.backward()

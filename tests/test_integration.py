@@ -19,15 +19,28 @@ def test_minilm_on_mr_beats_majority_class(tmp_path):
     mr = require_mr()
     torch.manual_seed(0)
     dm = FineTuneDataModule(
-        "all-minilm-l6-v2", task="classification", train=f"{mr}/classification/train.jsonl",
-        test=f"{mr}/classification/test.jsonl", labels=LABELS, max_length=64, batch_size=16, eval_batch_size=64,
-        max_train_examples=800, max_eval_examples=300, group_by_length=True,
-    )  # fmt: skip
+        "all-minilm-l6-v2",
+        task="classification",
+        train=f"{mr}/classification/train.jsonl",
+        test=f"{mr}/classification/test.jsonl",
+        labels=LABELS,
+        max_length=64,
+        batch_size=16,
+        eval_batch_size=64,
+        max_train_examples=800,
+        max_eval_examples=300,
+        group_by_length=True,
+    )
     module = SFTModule("all-minilm-l6-v2", task="classification", labels=LABELS, learning_rate=1e-4)
     trainer = L.Trainer(
-        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        default_root_dir=tmp_path, limit_val_batches=0,
-    )  # fmt: skip
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+    )
     trainer.fit(module, dm)
     acc = trainer.test(module, dm)[0]["test/acc"]
     majority = majority_baseline([e["label"] for e in dm.splits["test"].examples])

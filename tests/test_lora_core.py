@@ -25,9 +25,11 @@ def test_all_linear_skips_output_heads():
 def test_suffix_list_regex_and_exclude():
     model = tiny_llama(VOCAB)
     assert select_modules(model, ["q_proj", "v_proj"]) == [
-        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
-        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj",
-    ]  # fmt: skip
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
     assert select_modules(model, r".*\.1\.mlp\..*") == [f"model.layers.1.mlp.{p}_proj" for p in ("gate", "up", "down")]
     assert "model.layers.0.self_attn.q_proj" not in select_modules(model, exclude_modules=r".*\.0\.self_attn\..*")
 

@@ -6,13 +6,19 @@ import lightning as L
 import pytest
 import torch
 from helpers import (
-    LogitsAtFitEnd, LossRecorder, eval_logits, instruction_rows, lm_data, quick_trainer, sentiment_rows, tiny_bert,
+    LogitsAtFitEnd,
+    LossRecorder,
+    eval_logits,
+    lm_data,
+    quick_trainer,
+    sentiment_rows,
+    tiny_bert,
     tiny_llama,
 )
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_ft._compat import get_strict_loading
 from lightning_ft import FineTuneDataModule, LoRAModule
+from lightning_ft._compat import get_strict_loading
 from lightning_ft.callbacks import LoRA, MergeAdapters
 from lightning_ft.callbacks.lora import MARKER, adapter_state_keys
 from lightning_ft.callbacks.merge import export_adapters
@@ -21,16 +27,18 @@ from lightning_ft.lora import inject_lora, load_peft_adapter, lora_layers
 LABELS = ["negative", "positive"]
 
 
-
-
 def cls_data(tokenizer):
     rows = sentiment_rows(16)
-    return FineTuneDataModule(tokenizer, task="classification", train=rows, val=rows[:8], test=rows[:8], labels=LABELS, batch_size=8)
+    return FineTuneDataModule(
+        tokenizer, task="classification", train=rows, val=rows[:8], test=rows[:8], labels=LABELS, batch_size=8
+    )
 
 
 def without_adapters(state: dict) -> dict:
     """A state dict with adapter weights dropped and ``.base_layer`` removed from names: the base model's keys."""
-    return {k.replace(".base_layer", ""): v for k, v in state.items() if k.rsplit(".", 1)[-1] not in ("lora_A", "lora_B")}
+    return {
+        k.replace(".base_layer", ""): v for k, v in state.items() if k.rsplit(".", 1)[-1] not in ("lora_A", "lora_B")
+    }
 
 
 class UserLM(L.LightningModule):
@@ -45,7 +53,9 @@ class UserLM(L.LightningModule):
         return tiny_llama(self.vocab_size).train()
 
     def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        return self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
 
     def configure_optimizers(self):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
@@ -68,7 +78,14 @@ def test_callback_on_a_users_module_trains_only_adapters(tmp_path, tokenizer, mo
     rec = LossRecorder()
     # one batch of 4 rows, seen every step: the loss must fall
     quick_trainer(tmp_path, callbacks=[LoRA(r=4, exclude_modules=["o_proj"]), rec]).fit(module, lm_data(tokenizer, n=4))
-    parts = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    parts = (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
     assert set(lora_layers(module)) == {f"model.model.layers.{i}.{p}" for i in (0, 1) for p in parts}
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
@@ -108,13 +125,12 @@ def test_lora_module_classification_then_validate_and_test(tmp_path, tokenizer):
     adapters = {n: layer.lora_B.clone() for n, layer in lora_layers(module).items()}
     assert set(t.validate(module, dm, verbose=False)[0]) >= {"val/loss", "val/acc"}
     assert set(t.test(module, dm, verbose=False)[0]) >= {"test/loss", "test/f1"}
-    again = quick_trainer(tmp_path, limit_test_batches=1.0).test(module, dm, verbose=False)[0]  # a new Trainer, same settings: no re-injection
+    again = quick_trainer(tmp_path, limit_test_batches=1.0).test(module, dm, verbose=False)[
+        0
+    ]  # a new Trainer, same settings: no re-injection
     assert {n: layer.lora_B for n, layer in lora_layers(module).items()}.keys() == adapters.keys()
     assert all(torch.equal(lora_layers(module)[n].lora_B, b) for n, b in adapters.items())
     assert again["test/loss"] == pytest.approx(t.callback_metrics["test/loss"].item())
-
-
-
 
 
 def test_merge_adapters_writes_peft_adapter_and_merged_model(tmp_path, tokenizer):
@@ -125,9 +141,13 @@ def test_merge_adapters_writes_peft_adapter_and_merged_model(tmp_path, tokenizer
     batch = next(iter(dm.train_dataloader()))
     merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "adapter"
     module = LoRAModule(
-        model=tiny_llama(len(tokenizer)), learning_rate=1e-2, r=4, use_rslora=True, merged_dir=str(merged_dir),
+        model=tiny_llama(len(tokenizer)),
+        learning_rate=1e-2,
+        r=4,
+        use_rslora=True,
+        merged_dir=str(merged_dir),
         adapter_dir=str(adapter_dir),
-    )  # fmt: skip
+    )
     before = LogitsAtFitEnd(batch)
     t = quick_trainer(tmp_path, max_steps=4, callbacks=[before], limit_val_batches=1, enable_checkpointing=True)
     t.fit(module, dm)
@@ -161,8 +181,14 @@ def test_merge_adapters_needs_a_hugging_face_model_and_a_dir():
 def _resume_run(tmp_path, tokenizer, pretrained, ckpt_path=None):
     torch.manual_seed(1)
     module = LoRAModule(
-        pretrained, learning_rate=5e-3, r=4, warmup_steps=2, weight_decay=0.01, use_dora=True, bias="lora_only",
-    )  # fmt: skip
+        pretrained,
+        learning_rate=5e-3,
+        r=4,
+        warmup_steps=2,
+        weight_decay=0.01,
+        use_dora=True,
+        bias="lora_only",
+    )
     rec = LossRecorder()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}")
     t = quick_trainer(tmp_path, max_steps=10, deterministic=True, enable_checkpointing=True, callbacks=[rec, ckpt])
@@ -194,7 +220,9 @@ def test_adapter_only_checkpoint_resumes_exactly(tmp_path, tokenizer):
         torch.testing.assert_close(final[k], again[k], atol=1e-6, rtol=0, msg=k)
 
     evaluated = LoRAModule(pretrained, r=4, use_dora=True, bias="lora_only")  # evaluate an adapter-only checkpoint
-    quick_trainer(tmp_path / "d", limit_val_batches=1).validate(evaluated, lm_data(tokenizer), ckpt_path=path, verbose=False)
+    quick_trainer(tmp_path / "d", limit_val_batches=1).validate(
+        evaluated, lm_data(tokenizer), ckpt_path=path, verbose=False
+    )
     assert all(torch.equal(evaluated.state_dict()[k], v) for k, v in ckpt["state_dict"].items())
 
     mismatched = LoRAModule(model=tiny_llama(len(tokenizer)), r=4, target_modules=["q_proj"])
@@ -221,9 +249,14 @@ def test_gradient_checkpointing_with_a_frozen_base_trains(tmp_path, tokenizer):
 
 def test_loraplus_learning_rates(tmp_path, tokenizer):
     module = LoRAModule(
-        model=tiny_llama(len(tokenizer)), learning_rate=1e-3, loraplus_lr_ratio=16, weight_decay=0.1, use_dora=True,
-        scheduler="constant", r=4,
-    )  # fmt: skip
+        model=tiny_llama(len(tokenizer)),
+        learning_rate=1e-3,
+        loraplus_lr_ratio=16,
+        weight_decay=0.1,
+        use_dora=True,
+        scheduler="constant",
+        r=4,
+    )
     t = quick_trainer(tmp_path, max_steps=1)
     t.fit(module, lm_data(tokenizer))
     groups = {g["name"]: g for g in t.optimizers[0].param_groups}

@@ -62,9 +62,13 @@ def peft_layers(model) -> dict[str, LoraLayer]:
 
 
 VARIANTS = [
-    ("llama", {}), ("llama", {"use_rslora": True}), ("llama", {"use_dora": True}),
-    ("gpt2", {}), ("gpt2", {"use_dora": True}), ("bert", {"use_rslora": True, "use_dora": True}),
-]  # fmt: skip
+    ("llama", {}),
+    ("llama", {"use_rslora": True}),
+    ("llama", {"use_dora": True}),
+    ("gpt2", {}),
+    ("gpt2", {"use_dora": True}),
+    ("bert", {"use_rslora": True, "use_dora": True}),
+]
 
 
 @pytest.mark.parametrize(("arch", "kw"), VARIANTS)
@@ -215,8 +219,16 @@ def test_loading_into_another_shape_fails_naming_the_layer_and_leaves_the_model_
     from transformers import LlamaConfig, LlamaForCausalLM
 
     save_peft_adapter(ours("llama"), tmp_path / "a")
-    wider = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))  # fmt: skip
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     flags = [p.requires_grad for p in wider.parameters()]
     message = r"layer model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight: shape \(4, 32\) in the adapter but \(4, 64\)"
     with pytest.raises(ValueError, match=message):

@@ -50,9 +50,15 @@ def test_configs_validate_in_post_init(make, message):
 
 @pytest.mark.parametrize(
     ("target", "cls"),
-    [(LoRA, LoRAConfig), (LoRAModule, LoRAConfig), (SparseMask, SparseConfig), (SparseModule, SparseConfig),
-     (LowRankCompression, CompressionConfig), (inject_lora, LoRAConfig)],
-)  # fmt: skip
+    [
+        (LoRA, LoRAConfig),
+        (LoRAModule, LoRAConfig),
+        (SparseMask, SparseConfig),
+        (SparseModule, SparseConfig),
+        (LowRankCompression, CompressionConfig),
+        (inject_lora, LoRAConfig),
+    ],
+)
 def test_signatures_list_every_config_field_once_with_its_default(target, cls):
     params = inspect.signature(target).parameters
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
@@ -62,7 +68,9 @@ def test_signatures_list_every_config_field_once_with_its_default(target, cls):
 
 
 def test_fields_as_keywords_and_config_object_agree():
-    assert LoRA(r=4, alpha=8).config == LoRA(LoRAConfig(r=4, alpha=8)).config == LoRA(LoRAConfig(r=2), r=4, alpha=8).config
+    assert (
+        LoRA(r=4, alpha=8).config == LoRA(LoRAConfig(r=4, alpha=8)).config == LoRA(LoRAConfig(r=2), r=4, alpha=8).config
+    )
     with pytest.raises(TypeError, match="unexpected"):
         LoRA(rank=4)
     module = LoRAModule(model_name_or_path="x", r=4, learning_rate=1e-3)

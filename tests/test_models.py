@@ -48,9 +48,8 @@ needs_minilm = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A 1-layer Llama + word-level tokenizer with NO pad token, saved with save_pretrained (no packages needed)."""
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers import models as tok_models
-    from tokenizers import pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     path = tmp_path_factory.mktemp("tiny_llama")
@@ -63,8 +62,15 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, eos_token_id=1, bos_token_id=None, pad_token_id=None,
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        eos_token_id=1,
+        bos_token_id=None,
+        pad_token_id=None,
     )
     LlamaForCausalLM(config).save_pretrained(path)
     return path
@@ -119,7 +125,9 @@ def test_resolve_local_dir_gguf_and_hub_id(tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     assert resolve_model(str(gguf)) == ResolvedModel(str(tmp_path.resolve()), gguf_file=str(gguf.resolve()))
-    assert resolve_model("org/some-model") == ResolvedModel("org/some-model")  # a packaged model's hub id loads the package
+    assert resolve_model("org/some-model") == ResolvedModel(
+        "org/some-model"
+    )  # a packaged model's hub id loads the package
     with pytest.raises(FileNotFoundError):
         resolve_model(str(tmp_path / "missing.gguf"))
     (tmp_path / "weights.bin").write_bytes(b"x")

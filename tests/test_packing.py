@@ -7,8 +7,8 @@ import torch
 from helpers import instruction_rows, tiny_llama
 
 from lightning_ft.data.collate import IGNORE_INDEX, Collator
-from lightning_ft.data.packing import pack_examples
 from lightning_ft.data.instruction import InstructionFormat
+from lightning_ft.data.packing import pack_examples
 from lightning_ft.modules.objectives import causal_lm_sums
 
 
@@ -99,10 +99,13 @@ def tiny_causal_lm(arch: str, vocab: int):
         "gpt2": (T.GPT2Config, T.GPT2LMHeadModel, dict(n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)),
         "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM, blocks),
         "phi": (T.PhiConfig, T.PhiForCausalLM, blocks),
-        "opt": (T.OPTConfig, T.OPTForCausalLM, dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                                                     num_attention_heads=4, word_embed_proj_dim=32)),
+        "opt": (
+            T.OPTConfig,
+            T.OPTForCausalLM,
+            dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32),
+        ),
         "bert": (T.BertConfig, T.BertLMHeadModel, dict(blocks, is_decoder=True)),
-    }  # fmt: skip
+    }
     config_cls, model_cls, kwargs = configs[arch]
     return model_cls(config_cls(vocab_size=vocab, **kwargs)).eval()
 
@@ -149,6 +152,7 @@ def test_fit_with_packing_on_a_leaking_model_stops_before_training(tokenizer, tm
 
     # the same data on a model that keeps examples apart trains, and packing_check=False skips the probe
     quick_trainer(tmp_path, max_steps=1).fit(SFTModule(model=tiny_llama(len(tokenizer))), data)
-    unchecked = FineTuneDataModule(tokenizer, task="instruction", train=instruction_rows(8), packing=True,
-                                   packing_check=False, batch_size=2)  # fmt: skip
+    unchecked = FineTuneDataModule(
+        tokenizer, task="instruction", train=instruction_rows(8), packing=True, packing_check=False, batch_size=2
+    )
     quick_trainer(tmp_path, max_steps=1).fit(SFTModule(model=tiny_causal_lm("opt", len(tokenizer))), unchecked)

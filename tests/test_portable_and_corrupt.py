@@ -297,4 +297,3 @@ def test_damaged_adapter_folder_is_named(adapter_dir, tokenizer, damage):
         load_peft_adapter(model, adapter_dir)
     assert "Export the adapter again" in str(err.value)
     assert not any("lora" in n for n, _ in model.named_parameters())  # the model is left untouched
-

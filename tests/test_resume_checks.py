@@ -142,9 +142,13 @@ def test_sft_module_names_the_missing_callback(tmp_path, tokenizer, lora_ckpt):
     assert "Add LoRA(r=4, target_modules=['q_proj', 'v_proj']) to Trainer(callbacks=[...])" in message
 
 
-@pytest.mark.parametrize(("setting", "value", "line"), [
-    ("density", 0.1, "density: 0.05 -> 0.1"), ("criterion", "magnitude", "criterion: 'random' -> 'magnitude'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("setting", "value", "line"),
+    [
+        ("density", 0.1, "density: 0.05 -> 0.1"),
+        ("criterion", "magnitude", "criterion: 'random' -> 'magnitude'"),
+    ],
+)
 def test_sparse_setting_change_is_refused(tmp_path, tokenizer, sparse_ckpt, setting, value, line):
     kwargs = {"density": 0.05, "criterion": "random", "target_modules": TARGETS, setting: value}
     message = refused(tmp_path, tokenizer, sparse_ckpt, [SparseMask(**kwargs)])

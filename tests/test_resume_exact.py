@@ -27,14 +27,24 @@ def make_module(method: str, vocab: int) -> L.LightningModule:
 def fit(tokenizer, root, method, ckpt_path=None, accumulate=1, **data_kw) -> dict[str, torch.Tensor]:
     L.seed_everything(0, verbose=False)
     module = make_module(method, len(tokenizer))
-    data = FineTuneDataModule(tokenizer, task="instruction", train=varied_rows(20, longest=32), max_length=128,
-                              batch_size=2, **data_kw)  # fmt: skip
-    checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=CKPT_STEP, save_top_k=-1, filename="{step}")
+    data = FineTuneDataModule(
+        tokenizer, task="instruction", train=varied_rows(20, longest=32), max_length=128, batch_size=2, **data_kw
+    )
+    checkpoints = ModelCheckpoint(
+        dirpath=root / "ckpt", every_n_train_steps=CKPT_STEP, save_top_k=-1, filename="{step}"
+    )
     trainer = L.Trainer(
-        max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root, limit_val_batches=0, callbacks=[checkpoints],
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        limit_val_batches=0,
+        callbacks=[checkpoints],
         accumulate_grad_batches=accumulate,
-    )  # fmt: skip
+    )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     assert trainer.global_step == STEPS
     return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
@@ -77,13 +87,21 @@ def test_resume_after_an_epoch_cut_short_by_limit_train_batches(tokenizer, tmp_p
     def run(root, ckpt_path=None):
         L.seed_everything(0, verbose=False)
         module = make_module("lora", len(tokenizer))
-        data = FineTuneDataModule(tokenizer, task="instruction", train=varied_rows(20, longest=32), max_length=128,
-                                  batch_size=2)  # fmt: skip
+        data = FineTuneDataModule(
+            tokenizer, task="instruction", train=varied_rows(20, longest=32), max_length=128, batch_size=2
+        )
         checkpoints = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=3, save_top_k=-1, filename="{step}")
         trainer = L.Trainer(
-            max_steps=7, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-            default_root_dir=root, limit_val_batches=0, limit_train_batches=3, callbacks=[checkpoints],
-        )  # fmt: skip
+            max_steps=7,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=root,
+            limit_val_batches=0,
+            limit_train_batches=3,
+            callbacks=[checkpoints],
+        )
         trainer.fit(module, data, ckpt_path=ckpt_path)
         return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
@@ -97,12 +115,25 @@ def test_a_checkpoint_inside_an_accumulation_window_warns(tokenizer, tmp_path):
     """Validation (and its checkpoint) after batch 5 with accumulate_grad_batches=2 lies inside a window: warned."""
     L.seed_everything(0, verbose=False)
     module = make_module("lora", len(tokenizer))
-    data = FineTuneDataModule(tokenizer, task="instruction", train=varied_rows(20, longest=32),
-                              val=varied_rows(4, longest=4), max_length=128, batch_size=2)  # fmt: skip
+    data = FineTuneDataModule(
+        tokenizer,
+        task="instruction",
+        train=varied_rows(20, longest=32),
+        val=varied_rows(4, longest=4),
+        max_length=128,
+        batch_size=2,
+    )
     trainer = L.Trainer(
-        max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, val_check_interval=5, accumulate_grad_batches=2, num_sanity_val_steps=0,
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        val_check_interval=5,
+        accumulate_grad_batches=2,
+        num_sanity_val_steps=0,
         callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{step}-{epoch}")],
-    )  # fmt: skip
+    )
     with pytest.warns(UserWarning, match="inside a gradient-accumulation window"):
         trainer.fit(module, data)

@@ -62,9 +62,16 @@ def fit_refused(trainer_dir: Path, tokenizer, merge=None, module=None, extra=(),
     trainer_kw.setdefault("logger", False)
     trainer_kw.setdefault("enable_checkpointing", False)
     trainer = L.Trainer(
-        max_steps=2, accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, default_root_dir=trainer_dir, callbacks=callbacks, **trainer_kw,
-    )  # fmt: skip
+        max_steps=2,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=trainer_dir,
+        callbacks=callbacks,
+        **trainer_kw,
+    )
     module = module or LoRALM(len(tokenizer))
     with pytest.raises(OutputPathError) as info:
         trainer.fit(module, lm_data(tokenizer, n=4))
@@ -128,9 +135,10 @@ def test_outputs_never_contain_each_other(tmp_path, tokenizer):
     message = fit_refused(tmp_path, tokenizer, MergeAdapters(merged_dir=merged, adapter_dir=merged / "adapter"))
     assert "adapter_dir" in message and "inside merged_dir" in message and str(merged / "adapter") in message
     for merged_dir, adapter_dir, words in [
-        (merged, merged, "same path"), (merged / "inner", merged, "merged_dir"),
+        (merged, merged, "same path"),
+        (merged / "inner", merged, "merged_dir"),
         (tmp_path / "a/../m", merged, "same path"),
-    ]:  # fmt: skip
+    ]:
         with pytest.raises(OutputPathError, match=words):
             check_export_dirs(merged_dir, adapter_dir, overwrite=True)
     assert not merged.exists()
@@ -151,6 +159,7 @@ def test_bad_merged_dir_is_refused_at_setup(tmp_path, tokenizer, monkeypatch, ca
         locked = tmp_path / "locked"
         locked.mkdir()
         real_access = os.access
+
         # as root a chmod'ed folder stays writable (os.access says so), so deny it as a read-only mount would
         def access(p, mode, **kw):
             return False if Path(p) == locked and mode & os.W_OK else real_access(p, mode, **kw)

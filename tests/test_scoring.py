@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import require_packaged, tiny_llama
 
 from lightning_ft.data.collate import Collator
 from lightning_ft.scoring import score_choices
-from helpers import require_packaged, tiny_llama
 
 
 def reference_scores(model, prompts: list[list[int]], choices: list[list[list[int]]]) -> torch.Tensor:

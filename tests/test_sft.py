@@ -18,19 +18,38 @@ LABELS = ["negative", "positive"]
 def trainer(tmp_path, max_steps=20, **kw):
     kw.setdefault("limit_val_batches", 0)
     return L.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kw,
-    )  # fmt: skip
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kw,
+    )
 
 
 def lm_data(tokenizer, n=32, **kw):
     kw.setdefault("batch_size", 4)
-    return FineTuneDataModule(tokenizer, task="instruction", train=instruction_rows(n), val=instruction_rows(8), max_length=128, **kw)
+    return FineTuneDataModule(
+        tokenizer, task="instruction", train=instruction_rows(n), val=instruction_rows(8), max_length=128, **kw
+    )
 
 
 def cls_data(tokenizer, **kw):
     rows = sentiment_rows(32)
-    return FineTuneDataModule(tokenizer, task="classification", train=rows, val=rows[:8], test=rows[:8], labels=LABELS, max_length=32, batch_size=8, **kw)
+    return FineTuneDataModule(
+        tokenizer,
+        task="classification",
+        train=rows,
+        val=rows[:8],
+        test=rows[:8],
+        labels=LABELS,
+        max_length=32,
+        batch_size=8,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -251,7 +270,9 @@ def test_token_throughput_counts_without_per_batch_syncs(tmp_path, tokenizer):
     assert isinstance(batch_tokens(batch), torch.Tensor) and count_tokens(batch) == 3
     assert count_tokens({"input_ids": torch.zeros(2, 5)}) == 10 and count_tokens([1]) == 0
     meter, masks = TokenThroughput(log_every=3), Masks()
-    trainer(tmp_path, max_steps=7, callbacks=[meter, masks]).fit(SFTModule(model=tiny_llama(len(tokenizer))), lm_data(tokenizer))
+    trainer(tmp_path, max_steps=7, callbacks=[meter, masks]).fit(
+        SFTModule(model=tiny_llama(len(tokenizer))), lm_data(tokenizer)
+    )
     assert meter.tokens == masks.tokens > 0 and meter.seconds > 0 and meter.tokens_per_second > 0
     assert meter.state_dict() == {"tokens": masks.tokens, "seconds": meter.seconds}
     with pytest.raises(ValueError, match="log_every"):

@@ -1,4 +1,5 @@
-"""The pure-torch sparse fine-tuning core: selection, delta / mask layers, re-selection, merge and export (no Lightning)."""
+"""The pure-torch sparse fine-tuning core: selection, delta / mask layers, re-selection, merge and export (no "
+"Lightning)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from helpers import tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_ft.sparse.inject import mark_extra_params
 from lightning_ft.sparse import (
     DynamicReselection,
     GradientMask,
@@ -28,6 +28,7 @@ from lightning_ft.sparse import (
     sparse_layers,
     sparse_state_keys,
 )
+from lightning_ft.sparse.inject import mark_extra_params
 
 VOCAB = 300
 
@@ -111,8 +112,10 @@ def test_gradient_criteria_use_calibration_gradients():
         grads.append(w.grad.clone())
     model.zero_grad()
     expected = {
-        "gradient": sum(grads).abs(), "fisher": sum(g * g for g in grads), "movement": -w.detach() * sum(grads),
-    }  # fmt: skip
+        "gradient": sum(grads).abs(),
+        "fisher": sum(g * g for g in grads),
+        "movement": -w.detach() * sum(grads),
+    }
     for criterion, score in expected.items():
         idx = select_sparse(model, 0.02, criterion, [name], batches=batches, loss_fn=lambda b: lm_loss(model, b))[name]
         assert torch.equal(idx, torch.sort(torch.topk(score.view(-1), idx.numel()).indices).values), criterion
@@ -124,7 +127,9 @@ def test_bad_inputs_give_clear_errors():
     for density in (0, 1.5, -0.1):
         with pytest.raises(ValueError, match=r"density must be in \(0, 1\]"):
             select_sparse(model, density=density, criterion="random")
-    with pytest.raises(ValueError, match=r"unknown sparse criterion 'fischer'.*'random', 'magnitude', 'gradient', 'fisher'"):
+    with pytest.raises(
+        ValueError, match=r"unknown sparse criterion 'fischer'.*'random', 'magnitude', 'gradient', 'fisher'"
+    ):
         select_sparse(model, criterion="fischer")
     with pytest.raises(ValueError, match="needs calibration batches"):
         select_sparse(model, criterion="fisher")
@@ -145,10 +150,13 @@ def test_bad_inputs_give_clear_errors():
 def test_indices_are_validated_on_load():
     base = nn.Linear(8, 4)
     for bad, message in [
-        (torch.tensor([0, 3, 2]), "sorted"), (torch.tensor([0, 1, 1]), "sorted"), (torch.tensor([1, 40]), r"\[0, 32\)"),
-        (torch.tensor([-1, 2]), r"\[0, 32\)"), (torch.tensor([0, 1], dtype=torch.int32), "int64"),
+        (torch.tensor([0, 3, 2]), "sorted"),
+        (torch.tensor([0, 1, 1]), "sorted"),
+        (torch.tensor([1, 40]), r"\[0, 32\)"),
+        (torch.tensor([-1, 2]), r"\[0, 32\)"),
+        (torch.tensor([0, 1], dtype=torch.int32), "int64"),
         (torch.tensor([[0, 1]]), "1-D"),
-    ]:  # fmt: skip
+    ]:
         with pytest.raises(ValueError, match=message):
             SparseLinear(base, bad)
         layer = SparseLinear(nn.Linear(8, 4), torch.tensor([0, 5]))
@@ -319,7 +327,11 @@ def test_export_round_trip_and_atomic_write(tmp_path):
     assert {p.name for p in out.iterdir()} == {"sparse_config.json", "sparse_delta.safetensors"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     config = json.loads((out / "sparse_config.json").read_text())
-    assert config["nnz"] == sparse_counts(model)[0] and config["mode"] == "delta" and config["base_model_name_or_path"] == "tiny"
+    assert (
+        config["nnz"] == sparse_counts(model)[0]
+        and config["mode"] == "delta"
+        and config["base_model_name_or_path"] == "tiny"
+    )
 
     reloaded = load_sparse_delta(tiny_llama(VOCAB), out)
     reloaded.lm_head.weight.data.copy_(model.lm_head.weight)  # saved in full, compared below
@@ -342,6 +354,13 @@ def test_export_round_trip_and_atomic_write(tmp_path):
 def _wider_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg)

@@ -6,19 +6,23 @@ import lightning as L
 import pytest
 import torch
 from helpers import (
-    LogitsAtFitEnd, LossRecorder, eval_logits, instruction_rows, lm_data, quick_trainer, sentiment_rows, tiny_bert,
+    LogitsAtFitEnd,
+    LossRecorder,
+    eval_logits,
+    lm_data,
+    quick_trainer,
+    sentiment_rows,
+    tiny_bert,
     tiny_llama,
 )
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_ft._compat import get_strict_loading
 from lightning_ft import FineTuneDataModule, SparseModule
+from lightning_ft._compat import get_strict_loading
 from lightning_ft.callbacks import LoRA, SparseMask
 from lightning_ft.sparse import load_sparse_delta, sparse_counts, sparse_layers, sparse_state_keys
 
 LABELS = ["negative", "positive"]
-
-
 
 
 def pretrained_state(tokenizer) -> dict:
@@ -26,8 +30,13 @@ def pretrained_state(tokenizer) -> dict:
 
 
 def dense_weights(module) -> dict:
-    """The module's weights with sparse wrappers removed from the names (``q_proj.base_layer.weight`` -> ``q_proj.weight``)."""
-    return {k.replace(".base_layer", ""): v for k, v in module.state_dict().items() if not k.endswith((".indices", ".values"))}
+    """The module's weights with sparse wrappers removed from the names (``q_proj.base_layer.weight`` -> "
+    "``q_proj.weight``)."""
+    return {
+        k.replace(".base_layer", ""): v
+        for k, v in module.state_dict().items()
+        if not k.endswith((".indices", ".values"))
+    }
 
 
 class UserLM(L.LightningModule):
@@ -39,7 +48,9 @@ class UserLM(L.LightningModule):
         self.model = tiny_llama(vocab_size).train()
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
         self.log("train_loss", loss)  # switched off during calibration
         return loss
 
@@ -68,9 +79,15 @@ def test_callback_on_a_users_module_trains_only_selected_entries(tmp_path, token
 
 def test_mask_mode_through_lightning_keeps_unselected_entries_bitwise(tmp_path, tokenizer):
     module = SparseModule(
-        model=tiny_llama(len(tokenizer)), mode="mask", criterion="gradient", density=0.1, calibration_batches=2,
-        learning_rate=1e-2, weight_decay=0.1, scheduler="constant",
-    )  # fmt: skip
+        model=tiny_llama(len(tokenizer)),
+        mode="mask",
+        criterion="gradient",
+        density=0.1,
+        calibration_batches=2,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        scheduler="constant",
+    )
     t = quick_trainer(tmp_path, max_steps=20, gradient_clip_val=1.0)
     t.fit(module, lm_data(tokenizer, n=8))
     reference = pretrained_state(tokenizer)
@@ -89,9 +106,18 @@ def test_mask_mode_through_lightning_keeps_unselected_entries_bitwise(tmp_path, 
 def _resume_run(tmp_path, tokenizer, pretrained, mode, ckpt_path=None):
     torch.manual_seed(1)
     module = SparseModule(
-        pretrained, learning_rate=5e-3, density=0.05, criterion="fisher", calibration_batches=2, mode=mode,
-        warmup_steps=2, weight_decay=0.01, reselect_every=3, grow_window=2, allocation="global",
-    )  # fmt: skip
+        pretrained,
+        learning_rate=5e-3,
+        density=0.05,
+        criterion="fisher",
+        calibration_batches=2,
+        mode=mode,
+        warmup_steps=2,
+        weight_decay=0.01,
+        reselect_every=3,
+        grow_window=2,
+        allocation="global",
+    )
     rec = LossRecorder()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}")
     t = quick_trainer(tmp_path, max_steps=10, deterministic=True, enable_checkpointing=True, callbacks=[rec, ckpt])
@@ -125,7 +151,9 @@ def test_sparse_checkpoint_resumes_exactly_with_reselection(tmp_path, tokenizer,
         torch.testing.assert_close(final[k], again[k], atol=1e-6, rtol=0, msg=k)
 
     evaluated = SparseModule(pretrained, density=0.05, mode=mode, allocation="global")  # evaluate a sparse checkpoint
-    quick_trainer(tmp_path / "d", limit_val_batches=1).validate(evaluated, lm_data(tokenizer), ckpt_path=path, verbose=False)
+    quick_trainer(tmp_path / "d", limit_val_batches=1).validate(
+        evaluated, lm_data(tokenizer), ckpt_path=path, verbose=False
+    )
     assert all(torch.equal(evaluated.state_dict()[k], v) for k, v in ckpt["state_dict"].items())
 
     with pytest.raises(RuntimeError, match="mode="):
@@ -136,8 +164,15 @@ def test_sparse_checkpoint_resumes_exactly_with_reselection(tmp_path, tokenizer,
 def test_delta_and_mask_modes_train_alike_with_gradient_accumulation(tmp_path, tokenizer):
     runs = {}
     for mode in ("delta", "mask"):
-        module = SparseModule(model=tiny_llama(len(tokenizer)), mode=mode, density=0.05, calibration_batches=2,
-                              learning_rate=1e-2, reselect_every=2, grow_window=1)  # fmt: skip
+        module = SparseModule(
+            model=tiny_llama(len(tokenizer)),
+            mode=mode,
+            density=0.05,
+            calibration_batches=2,
+            learning_rate=1e-2,
+            reselect_every=2,
+            grow_window=1,
+        )
         rec = LossRecorder()
         t = quick_trainer(tmp_path, max_steps=5, accumulate_grad_batches=2, callbacks=[rec])
         t.fit(module, lm_data(tokenizer, n=8))
@@ -151,9 +186,6 @@ def test_delta_and_mask_modes_train_alike_with_gradient_accumulation(tmp_path, t
     assert all(torch.equal(masks[n], mask_masks[n]) for n in masks)
 
 
-
-
-
 def test_merge_adapters_folds_and_exports_sparse_deltas(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
@@ -162,9 +194,13 @@ def test_merge_adapters_folds_and_exports_sparse_deltas(tmp_path, tokenizer):
     batch = next(iter(dm.train_dataloader()))
     merged_dir, adapter_dir = tmp_path / "merged", tmp_path / "delta"
     module = SparseModule(
-        model=tiny_llama(len(tokenizer)), learning_rate=1e-2, criterion="random", lora_equivalent_rank=2,
-        merged_dir=str(merged_dir), adapter_dir=str(adapter_dir),
-    )  # fmt: skip
+        model=tiny_llama(len(tokenizer)),
+        learning_rate=1e-2,
+        criterion="random",
+        lora_equivalent_rank=2,
+        merged_dir=str(merged_dir),
+        adapter_dir=str(adapter_dir),
+    )
     before = LogitsAtFitEnd(batch)
     t = quick_trainer(tmp_path, max_steps=4, callbacks=[before], limit_val_batches=1)
     t.fit(module, dm)
@@ -172,7 +208,9 @@ def test_merge_adapters_folds_and_exports_sparse_deltas(tmp_path, tokenizer):
     assert not sparse_layers(module)  # merged in memory
     merged = eval_logits(module.model, batch)
     torch.testing.assert_close(merged, before.logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(eval_logits(AutoModelForCausalLM.from_pretrained(merged_dir), batch), merged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        eval_logits(AutoModelForCausalLM.from_pretrained(merged_dir), batch), merged, atol=1e-5, rtol=0
+    )
 
     assert {p.name for p in adapter_dir.iterdir()} == {"sparse_config.json", "sparse_delta.safetensors"}
     reloaded = load_sparse_delta(tiny_llama(len(tokenizer)), adapter_dir)
@@ -189,16 +227,26 @@ def _linears(model):
 def test_sparse_module_classification_with_bitfit_and_fisher(tmp_path, tokenizer):
     rows = sentiment_rows(16)
     dm = FineTuneDataModule(tokenizer, task="classification", train=rows, val=rows[:8], labels=LABELS, batch_size=8)
-    module = SparseModule(model=tiny_bert(len(tokenizer)), task="classification", labels=LABELS, criterion="bitfit", learning_rate=1e-2)
+    module = SparseModule(
+        model=tiny_bert(len(tokenizer)), task="classification", labels=LABELS, criterion="bitfit", learning_rate=1e-2
+    )
     quick_trainer(tmp_path, max_steps=3).fit(module, dm)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith("bias") or n.startswith("model.classifier.") for n in trainable)
-    assert "model.classifier.weight" in trainable and "model.bert.encoder.layer.0.attention.self.query.bias" in trainable
+    assert (
+        "model.classifier.weight" in trainable and "model.bert.encoder.layer.0.attention.self.query.bias" in trainable
+    )
     assert not sparse_layers(module)
 
     torch.manual_seed(0)
-    module = SparseModule(model=tiny_bert(len(tokenizer)), task="classification", labels=LABELS, density=0.1, calibration_batches=2,
-                          learning_rate=3e-2)  # fmt: skip
+    module = SparseModule(
+        model=tiny_bert(len(tokenizer)),
+        task="classification",
+        labels=LABELS,
+        density=0.1,
+        calibration_batches=2,
+        learning_rate=3e-2,
+    )
     rec = LossRecorder()
     quick_trainer(tmp_path, max_steps=10, callbacks=[rec]).fit(module, dm)
     assert sparse_layers(module) and module.model.classifier.weight.requires_grad
@@ -217,7 +265,9 @@ def test_bad_settings_fail_early(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="bitfit"):
         SparseMask(criterion="bitfit", reselect_every=10)
     with pytest.raises(ValueError, match="no linear layer named 'query'"):
-        quick_trainer(tmp_path, max_steps=1, callbacks=[SparseMask(target_modules=["query"])]).fit(UserLM(len(tokenizer)), lm_data(tokenizer))
+        quick_trainer(tmp_path, max_steps=1, callbacks=[SparseMask(target_modules=["query"])]).fit(
+            UserLM(len(tokenizer)), lm_data(tokenizer)
+        )
     with pytest.raises(RuntimeError, match="SparseMask and LoRA cannot adapt the same module"):
         quick_trainer(tmp_path, callbacks=[SparseMask(), LoRA()]).fit(UserLM(len(tokenizer)), lm_data(tokenizer))
     with pytest.raises(RuntimeError, match="more than one"):  # Lightning's own stateful-callback check comes first

@@ -8,4 +8,12 @@ from lightning_ft.callbacks.sparse import SparseMask
 from lightning_ft.callbacks.throughput import TokenThroughput
 from lightning_ft.callbacks.token_loss import TokenMeanLoss
 
-__all__ = ["LoRA", "LowRankCompression", "MergeAdapters", "PredictionWriter", "SparseMask", "TokenMeanLoss", "TokenThroughput"]
+__all__ = [
+    "LoRA",
+    "LowRankCompression",
+    "MergeAdapters",
+    "PredictionWriter",
+    "SparseMask",
+    "TokenMeanLoss",
+    "TokenThroughput",
+]

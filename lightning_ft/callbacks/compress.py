@@ -19,15 +19,15 @@ Recovery. Compression loses quality; a short fine-tuning run wins most of it bac
 A target list such as ``["q_proj", "v_proj"]`` names the original layers for compression and, after it, selects
 both factors of those layers for LoRA / sparse training.
 
-When it runs. Like ``LoRA`` and ``SparseMask`` (see ``lightning_ft.callbacks.surgery``), ``setup`` installs a
-one-shot wrapper as the module's ``configure_model``: compression runs right after the module's own
-``configure_model``, before the checkpoint is restored, before DDP / FSDP wrapping and before the optimizer is built.
-It always runs before their injection, whatever the order in ``callbacks``: when such a callback set up earlier
-(its ``_patched = (module, previous configure_model)`` is pending), this wrapper slots in underneath it. ``method="asvd"`` takes its
-``calibration_batches`` from the current stage's dataloader (the train loader in ``fit``: the data module's
-``train_dataloader``), outside the global random stream, so the training shuffle is the same with or without it;
-activation statistics are summed over all ranks, so every rank factorises identically. ``validate`` / ``test`` /
-``predict`` after ``fit`` find the module compressed with the same settings and leave it alone.
+When it runs. Like ``LoRA`` and ``SparseMask`` (see ``lightning_ft.callbacks.surgery``), ``setup`` installs a one-shot
+wrapper as the module's ``configure_model``: compression runs right after the module's own ``configure_model``, before
+the checkpoint is restored, before DDP / FSDP wrapping and before the optimizer is built. It always runs before their
+injection, whatever the order in ``callbacks``: when such a callback set up earlier (its ``_patched = (module, previous
+configure_model)`` is pending), this wrapper slots in underneath it. ``method="asvd"`` takes its ``calibration_batches``
+from the current stage's dataloader (the train loader in ``fit``: the data module's ``train_dataloader``), outside the
+global random stream, so the training shuffle is the same with or without it; activation statistics are summed over all
+ranks, so every rank factorises identically. ``validate`` / ``test`` / ``predict`` after ``fit`` find the module
+compressed with the same settings and leave it alone.
 
 Checkpoints hold the compressed weights (or, with ``LoRA``, only the adapters: on resume the base is compressed
 again from the pretrained weights, which gives the same factors for ``svd``, and for ``asvd`` when the calibration
@@ -60,8 +60,15 @@ from lightning_ft.compress.report import CompressionReport
 from lightning_ft.method_config import config_from_kwargs, takes_config
 from lightning_ft.modeling import MODEL_INPUTS, hf_models
 from lightning_ft.resume_checks import (
-    compare_configs, constructor_call, listing, plain, read_config, register_check, saved_shapes, unregister_check,
-)  # fmt: skip
+    compare_configs,
+    constructor_call,
+    listing,
+    plain,
+    read_config,
+    register_check,
+    saved_shapes,
+    unregister_check,
+)
 
 MARKER = "_lightning_ft_low_rank"  # attribute of the module: the settings it was compressed with
 CHECKPOINT_KEY = "lightning_ft_low_rank"  # checkpoint entry: the rank spec, the settings and the callback
@@ -194,11 +201,12 @@ class LowRankCompression(L.Callback):
         self.report = report
         rank_zero_info(f"LowRankCompression: {report.summary()}\n{report.table(max_rows=24)}")
         metrics = {
-            "compress/params_before": float(report.params_before), "compress/params_after": float(report.params_after),
+            "compress/params_before": float(report.params_before),
+            "compress/params_after": float(report.params_after),
             "compress/targeted_before": float(report.targeted_before),
             "compress/targeted_after": float(report.targeted_after),
             "compress/layers_factorized": float(len(report.factorized)),
-        }  # fmt: skip
+        }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=0)
 
@@ -228,10 +236,13 @@ class LowRankCompression(L.Callback):
         if low_rank_layers(pl_module):
             config = plain(self.settings)
             checkpoint[CHECKPOINT_KEY] = {
-                **low_rank_spec(pl_module), "callback": "LowRankCompression", "adapter_only": False,
-                "callback_path": public_path(type(self)), "config": config,
+                **low_rank_spec(pl_module),
+                "callback": "LowRankCompression",
+                "adapter_only": False,
+                "callback_path": public_path(type(self)),
+                "config": config,
                 "constructor": constructor_call("LowRankCompression", config, init_defaults(type(self))),
-            }  # fmt: skip
+            }
 
     def check_resume(self, checkpoint: dict[str, Any]) -> None:
         """Before the state dict is loaded: refuse other settings (unless ``allow_config_change``) or other ranks."""
@@ -252,19 +263,25 @@ class LowRankCompression(L.Callback):
         saved = read_config(entry.get("config"))
         settings = compare_configs(saved, now) if saved is not None else []
         if saved is None:
-            rank_zero_warn("LowRankCompression: the checkpoint was written by an earlier lightning-ft and records no "
-                           "compression settings; only the ranks are checked")  # fmt: skip
+            rank_zero_warn(
+                "LowRankCompression: the checkpoint was written by an earlier lightning-ft and records no "
+                "compression settings; only the ranks are checked"
+            )
         ranks = rank_differences(entry.get("layers") or {}, low_rank_spec(pl_module)["layers"])
         if not settings and not ranks:
             return
         body = "\n".join(f"  {line}" for line in settings + ranks)
         if ranks or not self.allow_config_change:
-            call = constructor_call("LowRankCompression", saved or now, init_defaults(type(self)),
-                                    also=[line.split(":", 1)[0] for line in settings])  # fmt: skip
+            call = constructor_call(
+                "LowRankCompression",
+                saved or now,
+                init_defaults(type(self)),
+                also=[line.split(":", 1)[0] for line in settings],
+            )
             hatch = (
                 "Other ranks cannot load these factors, whatever allow_config_change says."
-                if ranks else
-                "To continue with these settings on purpose, pass allow_config_change=True to LowRankCompression."
+                if ranks
+                else "To continue with these settings on purpose, pass allow_config_change=True to LowRankCompression."
             )
             raise RuntimeError(
                 f"the checkpoint does not fit this compressed model: it was written with other LowRankCompression "
@@ -283,8 +300,11 @@ def rank_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
         lines.append(f"compressed layers not compressed now: {listing(gone)}")
     if new := [n for n in now if n not in saved]:
         lines.append(f"layers compressed now but not in the checkpoint: {listing(new)}")
-    other = [f"{n} {s.get('rank')} -> {now[n]['rank']}" for n, s in saved.items()
-             if n in now and s.get("rank") != now[n]["rank"]]  # fmt: skip
+    other = [
+        f"{n} {s.get('rank')} -> {now[n]['rank']}"
+        for n, s in saved.items()
+        if n in now and s.get("rank") != now[n]["rank"]
+    ]
     if other:
         lines.append(f"ranks: {len(other)} layers differ: {listing(other)}")
     return lines

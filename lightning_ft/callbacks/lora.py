@@ -55,9 +55,12 @@ def parameter_table(module: nn.Module) -> str:
             frozen += p.numel()
     total = max(adapters + other + frozen, 1)
     rows = [
-        ("LoRA adapters", adapters), ("other trainable", other), ("trainable", adapters + other),
-        ("frozen", frozen), ("total", adapters + other + frozen),
-    ]  # fmt: skip
+        ("LoRA adapters", adapters),
+        ("other trainable", other),
+        ("trainable", adapters + other),
+        ("frozen", frozen),
+        ("total", adapters + other + frozen),
+    ]
     lines = ["| parameters | count | share |", "|---|---:|---:|"]
     lines += [f"| {label} | {n:,} | {100 * n / total:.2f}% |" for label, n in rows]
     return "\n".join(lines)

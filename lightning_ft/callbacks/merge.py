@@ -33,8 +33,15 @@ from typing_extensions import override
 
 from lightning_ft.callbacks.surgery import ModelSurgery
 from lightning_ft.io import (
-    MODEL_KIND, OutputPathError, atomic_path, check_output, is_own_adapter_folder, is_own_model_folder, mark_output,
-    trainer_folders, user_path,
+    MODEL_KIND,
+    OutputPathError,
+    atomic_path,
+    check_output,
+    is_own_adapter_folder,
+    is_own_model_folder,
+    mark_output,
+    trainer_folders,
+    user_path,
 )
 from lightning_ft.lora import lora_layers, merge_lora, merged_state_dict
 from lightning_ft.lora.peft_format import save_peft_adapter
@@ -55,14 +62,22 @@ def check_export_dirs(
     merged = adapter = None
     if merged_dir is not None:
         merged = check_output(
-            merged_dir, "merged_dir", is_own=is_own_model_folder, overwrite=overwrite,
-            others=[("adapter_dir", adapter_dir)], protected=protected,
-        )  # fmt: skip
+            merged_dir,
+            "merged_dir",
+            is_own=is_own_model_folder,
+            overwrite=overwrite,
+            others=[("adapter_dir", adapter_dir)],
+            protected=protected,
+        )
     if adapter_dir is not None:
         adapter = check_output(
-            adapter_dir, "adapter_dir", is_own=is_own_adapter_folder, overwrite=overwrite,
-            others=[("merged_dir", merged_dir)], protected=protected,
-        )  # fmt: skip
+            adapter_dir,
+            "adapter_dir",
+            is_own=is_own_adapter_folder,
+            overwrite=overwrite,
+            others=[("merged_dir", merged_dir)],
+            protected=protected,
+        )
     return merged, adapter
 
 
@@ -129,9 +144,12 @@ def export_lora(module: nn.Module, hf_model: nn.Module, request: ExportRequest) 
         raise RuntimeError("only rank 0 receives the tensors gathered from a sharded model; write from rank 0")
     if request.adapter_dir is not None and request.write:
         save_peft_adapter(
-            hf_model, request.adapter_dir, base_model_name_or_path=request.base_model_name_or_path, state_dict=state,
+            hf_model,
+            request.adapter_dir,
+            base_model_name_or_path=request.base_model_name_or_path,
+            state_dict=state,
             overwrite=request.overwrite,
-        )  # fmt: skip
+        )
         rank_zero_info(f"MergeAdapters: wrote the peft adapter to {request.adapter_dir}")
     if request.merged_dir is None:
         return None
@@ -150,9 +168,12 @@ def export_sparse(module: nn.Module, hf_model: nn.Module, request: ExportRequest
         raise NotImplementedError("exporting sparse deltas of a sharded (FSDP2) model is not supported")
     if request.adapter_dir is not None and request.write:
         save_sparse_delta(
-            hf_model, request.adapter_dir, request.base_model_name_or_path, metadata=request.metadata,
+            hf_model,
+            request.adapter_dir,
+            request.base_model_name_or_path,
+            metadata=request.metadata,
             overwrite=request.overwrite,
-        )  # fmt: skip
+        )
         rank_zero_info(f"MergeAdapters: wrote the sparse deltas to {request.adapter_dir}")
     if request.merged_dir is not None and sparse_layers(module):
         merge_sparse(module)
@@ -247,8 +268,13 @@ class MergeAdapters(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         write = trainer.is_global_zero
         export_adapters(
-            pl_module, self.merged_dir, self.adapter_dir, self.base_model_name_or_path,
-            tokenizer=_tokenizer(trainer, pl_module) if write and self.merged_dir is not None else None, write=write,
-            overwrite=self.overwrite, metadata=export_metadata(trainer),
-        )  # fmt: skip
+            pl_module,
+            self.merged_dir,
+            self.adapter_dir,
+            self.base_model_name_or_path,
+            tokenizer=_tokenizer(trainer, pl_module) if write and self.merged_dir is not None else None,
+            write=write,
+            overwrite=self.overwrite,
+            metadata=export_metadata(trainer),
+        )
         trainer.strategy.barrier("MergeAdapters")

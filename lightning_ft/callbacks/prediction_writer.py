@@ -55,6 +55,8 @@ class PredictionWriter(BasePredictionWriter):
             self._check()
 
     @override
-    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any) -> None:
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
         flat = [p for batch in predictions for p in batch]
         write_jsonl_atomic(self._check(), [{"index": i, "prediction": p} for i, p in enumerate(flat)])

@@ -29,7 +29,7 @@ as ``sparse/density``, ``sparse/mask_overlap``, ``sparse/grad_norm_share`` and `
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -45,7 +45,13 @@ from lightning_ft.method_config import config_from_kwargs, takes_config
 from lightning_ft.modeling import ensure_input_grads_for_checkpointing
 from lightning_ft.sparse.calibration import rank_and_world
 from lightning_ft.sparse.config import SparseConfig
-from lightning_ft.sparse.inject import inject_sparse, sparse_counts, sparse_extra_params, sparse_layers, sparse_state_keys
+from lightning_ft.sparse.inject import (
+    inject_sparse,
+    sparse_counts,
+    sparse_extra_params,
+    sparse_layers,
+    sparse_state_keys,
+)
 from lightning_ft.sparse.mask import GradientMask
 from lightning_ft.sparse.reselect import DynamicReselection
 from lightning_ft.sparse.selection import GRADIENT_CRITERIA, budget, select_sparse
@@ -111,8 +117,18 @@ class SparseMask(ModelSurgery):
 
     label = "SparseMask"
     checkpoint_key = "lightning_ft_sparse"
-    training_only = ("density", "criterion", "calibration_batches", "reselect_every", "lora_equivalent_rank",
-                     "allocation", "drop_fraction", "drop_schedule", "grow_window", "seed")  # fmt: skip
+    training_only = (
+        "density",
+        "criterion",
+        "calibration_batches",
+        "reselect_every",
+        "lora_equivalent_rank",
+        "allocation",
+        "drop_fraction",
+        "drop_schedule",
+        "grow_window",
+        "seed",
+    )
     fixed_settings = ("mode",)  # delta values and dense weights are different tensors
 
     @takes_config(SparseConfig, kwargs_name=None)
@@ -165,7 +181,8 @@ class SparseMask(ModelSurgery):
             extra = sum(p.numel() for n, p in pl_module.named_parameters() if n in extras)
             rank_zero_info(
                 f"SparseMask: {len(indices)} layers, {nnz:,} of {numel:,} weight entries "
-                f"({100 * nnz / max(numel, 1):.3f}%) train (criterion={self.config.criterion}, mode={self.config.mode}, "
+                f"({100 * nnz / max(numel, 1):.3f}%) train (criterion={self.config.criterion}, "
+                f"mode={self.config.mode}, "
                 f"allocation={self.config.allocation}); {extra:,} other trained parameters"
             )
         if ensure_input_grads_for_checkpointing(pl_module):
@@ -178,20 +195,32 @@ class SparseMask(ModelSurgery):
         if self.config.criterion == "bitfit":
             return {}
         kwargs = {
-            "density": self.config.density, "criterion": self.config.criterion, "target_modules": names,
-            "lora_equivalent_rank": self.config.lora_equivalent_rank, "allocation": self.config.allocation, "seed": self.config.seed,
-        }  # fmt: skip
+            "density": self.config.density,
+            "criterion": self.config.criterion,
+            "target_modules": names,
+            "lora_equivalent_rank": self.config.lora_equivalent_rank,
+            "allocation": self.config.allocation,
+            "seed": self.config.seed,
+        }
         if self.config.criterion not in GRADIENT_CRITERIA:
             return select_sparse(pl_module, **kwargs)
         if trainer.state.fn != "fit":
             rank_zero_info(f"SparseMask: no calibration outside fit ({trainer.state.fn}); deltas start at zero")
-            return {n: torch.arange(budget(pl_module.get_submodule(n).weight.shape, self.config.density,
-                                           self.config.lora_equivalent_rank)) for n in names}  # fmt: skip
+            return {
+                n: torch.arange(
+                    budget(
+                        pl_module.get_submodule(n).weight.shape, self.config.density, self.config.lora_equivalent_rank
+                    )
+                )
+                for n in names
+            }
         if not pl_module.automatic_optimization and self.loss_fn is None:
             raise ValueError("SparseMask: with manual optimization, pass loss_fn(pl_module, batch) -> loss")
         loader = train_dataloader(trainer)
         if loader is None:
-            raise ValueError(f"SparseMask: criterion {self.config.criterion!r} needs calibration batches; no train loader")
+            raise ValueError(
+                f"SparseMask: criterion {self.config.criterion!r} needs calibration batches; no train loader"
+            )
         device = trainer.strategy.root_device
         if any(p.is_meta for p in pl_module.parameters()):
             raise NotImplementedError("SparseMask needs materialised weights, not a model on the meta device")
@@ -241,7 +270,8 @@ class SparseMask(ModelSurgery):
         saved = (checkpoint.get(self.checkpoint_key) or {}).get("config") or {}
         if saved.get("mode") not in (None, self.config.mode):
             raise RuntimeError(
-                f"the checkpoint holds mode={saved['mode']!r} sparse values; this SparseMask has mode={self.config.mode!r}"
+                f"the checkpoint holds mode={saved['mode']!r} sparse values; this SparseMask has "
+                f"mode={self.config.mode!r}"
             )
 
     # ---- training: gradient masking and re-selection ----------------------------------------------------------
@@ -258,14 +288,21 @@ class SparseMask(ModelSurgery):
                 rank_zero_warn("SparseMask: the number of training steps is unknown; the drop fraction does not anneal")
                 total = 10**9
             self.reselection = DynamicReselection(
-                layers, self.config.reselect_every, int(total), self.config.drop_fraction, self.config.drop_schedule, self.config.grow_window
+                layers,
+                self.config.reselect_every,
+                int(total),
+                self.config.drop_fraction,
+                self.config.drop_schedule,
+                self.config.grow_window,
             )
             self.reselection.load_state_dict(self._pending_accumulators)
             self._pending_accumulators = {}
         self._last_step = trainer.global_step
 
     @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.reselection is not None and self.reselection.in_window(trainer.global_step + 1):
             self.reselection.start()
 
@@ -277,7 +314,9 @@ class SparseMask(ModelSurgery):
             self.masker.mask_gradients()
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step == self._last_step:  # no optimizer step in this batch (gradient accumulation)
             return
@@ -310,4 +349,3 @@ class SparseMask(ModelSurgery):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_accumulators = dict(state_dict.get("accumulators") or {})
         self.history = list(state_dict.get("history") or [])
-

@@ -56,9 +56,18 @@ from typing_extensions import override
 
 from lightning_ft._compat import get_strict_loading, set_strict_loading
 from lightning_ft.resume_checks import (
-    FINGERPRINT_ATTR, base_fingerprint, compare_configs, compare_fingerprints, constructor_call, drop_samples, listing,
-    read_config, register_check, saved_shapes, unregister_check,
-)  # fmt: skip
+    FINGERPRINT_ATTR,
+    base_fingerprint,
+    compare_configs,
+    compare_fingerprints,
+    constructor_call,
+    drop_samples,
+    listing,
+    read_config,
+    register_check,
+    saved_shapes,
+    unregister_check,
+)
 from lightning_ft.strategies.checkpoint_io import check_checkpoints
 
 
@@ -129,7 +138,9 @@ class ModelSurgery(L.Callback):
         check_checkpoints(trainer)  # a damaged ckpt_path: its path and a remedy, not torch's EOFError
         if any(isinstance(cb, type(self)) and cb is not self for cb in trainer.callbacks):
             raise RuntimeError(f"more than one {self.label} callback in the Trainer; {self.label} is injected once")
-        others = [cb.label for cb in trainer.callbacks if isinstance(cb, ModelSurgery) and not isinstance(cb, type(self))]
+        others = [
+            cb.label for cb in trainer.callbacks if isinstance(cb, ModelSurgery) and not isinstance(cb, type(self))
+        ]
         if others:
             # each keeps only its own tensors in checkpoints, so together they would drop each other's
             raise RuntimeError(f"{self.label} and {others[0]} cannot adapt the same module in one Trainer; choose one")

@@ -87,7 +87,9 @@ class TokenMeanLoss(L.Callback):
         self._reset_window()
 
     @override
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._pending = self.count_fn(batch)
 
     @override
@@ -129,6 +131,8 @@ class TokenMeanLoss(L.Callback):
         # a tensor, not a float: no host sync here (Lightning reads logged values at its logging interval)
         self._last_step_loss = loss_sum / max(self.last_step_terms or 0, 1)
         if self.log_name:
-            pl_module.log(self.log_name, self._last_step_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+            pl_module.log(
+                self.log_name, self._last_step_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1
+            )
         self._loss_sum = 0.0
         self._stepped = False

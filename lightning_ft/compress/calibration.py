@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-Calibration = Union[Iterable[Any], Callable[[nn.Module], Any]]
+Calibration = Iterable[Any] | Callable[[nn.Module], Any]
 Statistic = Literal["abs_mean", "rms"]
 STATISTICS = ("abs_mean", "rms")
 

@@ -28,9 +28,7 @@ Method = Literal["svd", "asvd"]
 METHODS = ("svd", "asvd")
 
 
-def check_compress_args(
-    method: str, rank_ratio: float | None, energy: float | None, param_ratio: float | None
-) -> str:
+def check_compress_args(method: str, rank_ratio: float | None, energy: float | None, param_ratio: float | None) -> str:
     """Fail early on an unknown method or a budget that is missing, doubled or outside (0, 1]; the budget's name."""
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r}; choose one of {list(METHODS)}")
@@ -118,8 +116,17 @@ def compress_low_rank(
         scales = {n: activation_scale(s, asvd_alpha) for n, s in stats.items()}
     for name in names:
         layer = model.get_submodule(name)
-        report.layers.append(_compress_layer(model, name, layer, budget_name, budget[budget_name], scales.get(name),
-                                             tied=shared[id(layer.weight)] > 1))  # fmt: skip
+        report.layers.append(
+            _compress_layer(
+                model,
+                name,
+                layer,
+                budget_name,
+                budget[budget_name],
+                scales.get(name),
+                tied=shared[id(layer.weight)] > 1,
+            )
+        )
     report.params_after = count_params(model)
     record_in_configs(model)
     return report
@@ -153,8 +160,9 @@ def _compress_layer(
         row.reason = f"rank {rank} saves nothing"
         return row
     first, second = split_factors(svd, rank)
-    new = LowRankLinear.from_factors(first.to(weight.dtype), second.to(weight.dtype),
-                                     None if bias is None else bias.detach())  # fmt: skip
+    new = LowRankLinear.from_factors(
+        first.to(weight.dtype), second.to(weight.dtype), None if bias is None else bias.detach()
+    )
     new.requires_grad_(weight.requires_grad)
     new.train(layer.training)
     set_submodule(model, name, new)

@@ -49,6 +49,15 @@ class CompressionConfig(MethodConfig):
         """What decides the factorisation: the ``compress_low_rank`` keyword arguments, plus ``calibration_batches``
         for ``"asvd"`` (raw values, as given)."""
         names = [n for n in self.field_names() if n != "calibration_batches" or self.method == "asvd"]
-        order = ("rank_ratio", "energy", "param_ratio", "method", "target_modules", "exclude_modules",
-                 "activation_statistic", "asvd_alpha", "calibration_batches")  # fmt: skip
+        order = (
+            "rank_ratio",
+            "energy",
+            "param_ratio",
+            "method",
+            "target_modules",
+            "exclude_modules",
+            "activation_statistic",
+            "asvd_alpha",
+            "calibration_batches",
+        )
         return {n: getattr(self, n) for n in order if n in names}

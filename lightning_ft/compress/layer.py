@@ -81,8 +81,9 @@ class LowRankLinear(nn.Module):
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the same function (weight ``second @ first``, cast to the factors' dtype)."""
         w = self.first.weight
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.second.bias is not None,
-                          device=w.device, dtype=w.dtype)  # fmt: skip
+        dense = nn.Linear(
+            self.in_features, self.out_features, bias=self.second.bias is not None, device=w.device, dtype=w.dtype
+        )
         with torch.no_grad():
             dense.weight.copy_(self.dense_weight().to(w.dtype))
             if self.second.bias is not None:

@@ -13,14 +13,15 @@ _EPS = 1e-9
 
 def check_budget(rank_ratio: float | None, energy: float | None, param_ratio: float | None) -> str:
     """Validate that exactly one budget is given, in (0, 1]; return its name."""
-    given = {k: v for k, v in (("rank_ratio", rank_ratio), ("energy", energy), ("param_ratio", param_ratio))
-             if v is not None}  # fmt: skip
+    given = {
+        k: v for k, v in (("rank_ratio", rank_ratio), ("energy", energy), ("param_ratio", param_ratio)) if v is not None
+    }
     if len(given) != 1:
         raise ValueError(
             "give exactly one of rank_ratio (share of min(out, in) kept), energy (share of the sum of squared "
             f"singular values kept) or param_ratio (share of each matrix's parameters kept); got {given or 'none'}"
         )
-    (name, value), = given.items()
+    ((name, value),) = given.items()
     if not 0 < value <= 1:
         raise ValueError(f"{name} must be in (0, 1], got {value}")
     return name
@@ -40,8 +41,10 @@ def rank_from_ratio(rank_ratio: float, out_features: int, in_features: int) -> i
 
 def rank_from_param_ratio(param_ratio: float, out_features: int, in_features: int) -> int:
     """Largest ``r`` with ``r * (out + in) <= param_ratio * out * in``; raises ``ValueError`` when that is 0."""
-    rank = min(math.floor(param_ratio * out_features * in_features / (out_features + in_features) + _EPS),
-               min(out_features, in_features))  # fmt: skip
+    rank = min(
+        math.floor(param_ratio * out_features * in_features / (out_features + in_features) + _EPS),
+        min(out_features, in_features),
+    )
     if rank < 1:
         raise ValueError(
             f"param_ratio={param_ratio} leaves rank 0 for a {in_features} -> {out_features} layer "

@@ -11,7 +11,6 @@ from lightning_ft.compress.layer import LowRankLinear
 from lightning_ft.modeling import adapter_param_names, is_linear
 
 
-
 @dataclass
 class LayerReport:
     """One targeted layer: ``rank`` is None when it was kept dense (``reason`` says why)."""
@@ -72,14 +71,18 @@ class CompressionReport:
 
     def table(self, max_rows: int | None = None) -> str:
         """Markdown: one row per targeted layer (the first ``max_rows``), then the totals."""
-        lines = ["| layer | shape (out x in) | rank | params before | params after | energy kept |",
-                 "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+        lines = [
+            "| layer | shape (out x in) | rank | params before | params after | energy kept |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
         rows = self.layers if max_rows is None else self.layers[:max_rows]
         for r in rows:
             rank = f"{r.rank} / {r.full_rank}" if r.factorized else f"dense ({r.reason})"
             energy = "" if r.energy is None else f"{100 * r.energy:.2f}%"
-            lines.append(f"| {r.name} | {r.out_features} x {r.in_features} | {rank} | {r.params_before:,} "
-                         f"| {r.params_after:,} | {energy} |")  # fmt: skip
+            lines.append(
+                f"| {r.name} | {r.out_features} x {r.in_features} | {rank} | {r.params_before:,} "
+                f"| {r.params_after:,} | {energy} |"
+            )
         if max_rows is not None and len(self.layers) > max_rows:
             lines.append(f"| ... {len(self.layers) - max_rows} more | | | | | |")
         lines.append(f"| targeted total | | | {self.targeted_before:,} | {self.targeted_after:,} | |")

@@ -45,8 +45,12 @@ def low_rank_spec(model: nn.Module) -> dict[str, Any]:
     """The factorised structure of ``model``: every ``LowRankLinear`` with its rank and shape (also while ``LoRA`` /
     ``SparseMask`` wrap a factor: the wrapper's ``base_layer`` holds its bias)."""
     layers = {
-        name: {"rank": m.rank, "in_features": m.in_features, "out_features": m.out_features,
-               "bias": getattr(m.second, "base_layer", m.second).bias is not None}  # fmt: skip
+        name: {
+            "rank": m.rank,
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": getattr(m.second, "base_layer", m.second).bias is not None,
+        }
         for name, m in low_rank_layers(model).items()
     }
     return {"format": FORMAT, "version": VERSION, "layers": layers}

@@ -145,7 +145,7 @@ class FineTuneDataModule(L.LightningDataModule):
             prompt_column=prompt_column, response_column=response_column, messages_column=messages_column,
             choices_column=choices_column, system_prompt=system_prompt, text_column=text_column,
             text_pair_column=text_pair_column, label_column=label_column,
-        )  # fmt: skip
+        )
         self.max_examples = {"train": max_train_examples, "val": max_eval_examples, "test": max_eval_examples}
         self.splits: dict[str, EncodedSplit] = {}
         self.row_format: DataFormat | None = None  # built from `format` at set-up

@@ -78,7 +78,7 @@ def packing_probe(model: nn.Module, vocab_size: int, seed: int = 0) -> tuple[flo
     try:
         packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, len(a) :].float()
         alone = model(input_ids=c[None].to(device), position_ids=torch.arange(len(c))[None].to(device),
-                      use_cache=False).logits  # fmt: skip
+                      use_cache=False).logits
     finally:
         model.train(was_training)
     dtype = alone.dtype

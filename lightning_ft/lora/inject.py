@@ -11,8 +11,14 @@ from lightning_ft.lora.config import Bias, LoRAConfig
 from lightning_ft.lora.layer import LoRALinear, fold_lora
 from lightning_ft.method_config import config_from_kwargs, takes_config
 from lightning_ft.modeling import (
-    TRAINED_BIAS, adapter_param_names, mark_trained, marked_modules, set_submodule, train_modules_in_full, unmark,
-)  # fmt: skip
+    TRAINED_BIAS,
+    adapter_param_names,
+    mark_trained,
+    marked_modules,
+    set_submodule,
+    train_modules_in_full,
+    unmark,
+)
 from lightning_ft.targets import match_pattern, select_modules
 
 METHOD = "lora"  # LoRALinear.adapter_method, and the mark on modules LoRA trains in full
@@ -54,15 +60,24 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, **fields: An
     model.requires_grad_(False)
     for name in names:
         layer = LoRALinear(
-            model.get_submodule(name), r=int(match_pattern(name, config.rank_pattern, config.r)),
-            alpha=match_pattern(name, config.alpha_pattern, config.alpha), dropout=config.dropout,
-            use_rslora=config.use_rslora, use_dora=config.use_dora, init=config.init,
+            model.get_submodule(name),
+            r=int(match_pattern(name, config.rank_pattern, config.r)),
+            alpha=match_pattern(name, config.alpha_pattern, config.alpha),
+            dropout=config.dropout,
+            use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
+            init=config.init,
             train_bias=config.bias in ("lora_only", "all"),
-        )  # fmt: skip
+        )
         set_submodule(model, name, layer)
     if config.bias == "all":
-        owners = [n for n, m in model.named_modules() if getattr(m, "bias", None) is not None
-                  and isinstance(m.bias, nn.Parameter) and not isinstance(m, LoRALinear)]  # fmt: skip
+        owners = [
+            n
+            for n, m in model.named_modules()
+            if getattr(m, "bias", None) is not None
+            and isinstance(m.bias, nn.Parameter)
+            and not isinstance(m, LoRALinear)
+        ]
         for pname, p in model.named_parameters():
             if pname.endswith("bias"):
                 p.requires_grad_(True)

@@ -41,12 +41,24 @@ from lightning_ft.targets import select_modules
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 TASK_TYPES = {  # class-name suffix -> peft task_type
-    "ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
-    "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS", "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
-}  # fmt: skip
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
+}
 HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
-UNSUPPORTED = ("layers_to_transform", "layers_pattern", "layer_replication", "target_parameters",
-               "trainable_token_indices", "lora_bias", "use_qalora", "use_bdlora")  # fmt: skip
+UNSUPPORTED = (
+    "layers_to_transform",
+    "layers_pattern",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "lora_bias",
+    "use_qalora",
+    "use_bdlora",
+)
 
 
 # ---- peft's matching rules -------------------------------------------------------------------------------------
@@ -119,8 +131,11 @@ def _adapter_tensors(model: nn.Module, layers: dict[str, LoRALinear], saved: lis
 def _infer_bias(model: nn.Module, layers: dict[str, LoRALinear], saved: list[str]) -> str:
     lora_biases = {f"{n}.base_layer.bias" for n in layers}
     inside_saved = tuple(f"{n}." for n in saved)
-    trained = {n for n, p in model.named_parameters()
-               if n.split(".")[-1] == "bias" and p.requires_grad and not n.startswith(inside_saved)}  # fmt: skip
+    trained = {
+        n
+        for n, p in model.named_parameters()
+        if n.split(".")[-1] == "bias" and p.requires_grad and not n.startswith(inside_saved)
+    }
     return "all" if trained - lora_biases else "lora_only" if trained else "none"
 
 
@@ -154,8 +169,8 @@ def save_peft_adapter(
     question answering peft always loads the head (``classifier`` / ``score`` / ``qa_outputs``), so its current
     weights are written as a module to save even when it was not trained. ``bias`` defaults to the mode
     ``inject_lora`` recorded (``lightning_ft.lora.inject.lora_bias``), else to what the model trains (``"all"``,
-    ``"lora_only"`` or ``"none"``, read from ``requires_grad``). ``state_dict``: the tensors to write, under ``model.state_dict()``'s
-    keys, instead of the model's own (full tensors gathered from a sharded model).
+    ``"lora_only"`` or ``"none"``, read from ``requires_grad``). ``state_dict``: the tensors to write, under
+    ``model.state_dict()``'s keys, instead of the model's own (full tensors gathered from a sharded model).
 
     ``path`` (``~`` expanded) is checked by ``lightning_ft.io.check_output``: an existing folder is replaced only
     when it is empty or an adapter lightning-ft wrote (peft or sparse delta), or with ``overwrite=True``.
@@ -176,16 +191,23 @@ def save_peft_adapter(
     r = Counter(v[0] for v in wanted.values()).most_common(1)[0][0]
     alpha = Counter(v[1] for v in wanted.values()).most_common(1)[0][0]
     config = {
-        "peft_type": "LORA", "task_type": task_type,
+        "peft_type": "LORA",
+        "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path or base_model_name(model),
-        "r": r, "lora_alpha": alpha, "lora_dropout": getattr(first.dropout, "p", 0.0),
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": getattr(first.dropout, "p", 0.0),
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
         "rank_pattern": {_exact_key(n, list(layers)): v[0] for n, v in wanted.items() if v[0] != r},
         "alpha_pattern": {_exact_key(n, list(layers)): v[1] for n, v in wanted.items() if v[1] != alpha},
-        "use_rslora": first.use_rslora, "use_dora": first.use_dora,
+        "use_rslora": first.use_rslora,
+        "use_dora": first.use_dora,
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
-        "bias": bias, "modules_to_save": saved or None, "init_lora_weights": True, "inference_mode": True,
-    }  # fmt: skip
+        "bias": bias,
+        "modules_to_save": saved or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
     if _peft_layers(config, names).keys() != wanted.keys():  # suffixes select more: name the layers exactly
         config["target_modules"] = _exact_regex(layers)
     if _peft_layers(config, names) != wanted:
@@ -239,11 +261,18 @@ def load_peft_adapter(model: nn.Module, path: str | Path, trainable: bool = Fals
     state = {k: v for k, v in state.items() if not k.startswith(wrapper_keys)}  # peft's bias="all" copies
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     inject_lora(
-        model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
-        target_modules=_exact_regex(wanted), rank_pattern={f"^{re.escape(n)}$": v[0] for n, v in wanted.items()},
-        alpha_pattern={f"^{re.escape(n)}$": v[1] for n, v in wanted.items()}, modules_to_save=saved, bias=bias,
-        use_rslora=config.get("use_rslora", False), use_dora=config.get("use_dora", False),
-    )  # fmt: skip
+        model,
+        r=config["r"],
+        alpha=config["lora_alpha"],
+        dropout=config.get("lora_dropout") or 0.0,
+        target_modules=_exact_regex(wanted),
+        rank_pattern={f"^{re.escape(n)}$": v[0] for n, v in wanted.items()},
+        alpha_pattern={f"^{re.escape(n)}$": v[1] for n, v in wanted.items()},
+        modules_to_save=saved,
+        bias=bias,
+        use_rslora=config.get("use_rslora", False),
+        use_dora=config.get("use_dora", False),
+    )
     try:
         _copy_into(_adapter_tensors(model, lora_layers(model), saved, bias), state, path)
     except Exception:

@@ -51,7 +51,9 @@ class AdapterModule(FineTuneModule):
         if self.hparams.merged_dir or self.hparams.adapter_dir:
             hp = self.hparams
             callbacks.append(
-                MergeAdapters(merged_dir=hp.merged_dir, adapter_dir=hp.adapter_dir, overwrite=hp.get("overwrite", False))
+                MergeAdapters(
+                    merged_dir=hp.merged_dir, adapter_dir=hp.adapter_dir, overwrite=hp.get("overwrite", False)
+                )
             )
         return callbacks
 

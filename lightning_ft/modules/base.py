@@ -22,11 +22,11 @@ from lightning_ft import metrics as M
 from lightning_ft._compat import attached_trainer
 from lightning_ft.callbacks.token_loss import TokenMeanLoss
 from lightning_ft.io import write_text_atomic
-from lightning_ft.report import report_dir
 from lightning_ft.modeling import MODEL_INPUTS, enable_activation_checkpointing
 from lightning_ft.modules.objectives import next_token_targets, target_mask, token_sums
-from lightning_ft.scoring import score_choices as choice_logprobs
 from lightning_ft.modules.optim import decay_groups, warmup_decay
+from lightning_ft.report import report_dir
+from lightning_ft.scoring import score_choices as choice_logprobs
 
 ModelTask = Literal["causal_lm", "classification"]
 STAGES = ("train", "val", "test")
@@ -113,9 +113,12 @@ class FineTuneModule(L.LightningModule):
 
             hp = self.hparams
             self.model = load_model(
-                self.model_name_or_path, task=self.task, labels=self.labels, dtype=hp.dtype,
+                self.model_name_or_path,
+                task=self.task,
+                labels=self.labels,
+                dtype=hp.dtype,
                 trust_remote_code=hp.trust_remote_code,
-            )  # fmt: skip
+            )
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode: train mode turns dropout on
         # (Lightning's evaluation loops switch to eval mode themselves)
         self.model.train()
@@ -203,7 +206,11 @@ class FineTuneModule(L.LightningModule):
     def score_choices(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         """Score each choice by its log-likelihood after the prompt; update ``{stage}/choice_*`` metrics. (B, K)."""
         scores = choice_logprobs(
-            self.model, batch["choice_prompt_ids"], batch["choice_prompt_mask"], batch["choice_ids"], batch["choice_mask"]
+            self.model,
+            batch["choice_prompt_ids"],
+            batch["choice_prompt_mask"],
+            batch["choice_ids"],
+            batch["choice_mask"],
         )
         if self.choice_metrics is None:
             names = [str(i) for i in range(scores.shape[1])]
@@ -277,7 +284,9 @@ class FineTuneModule(L.LightningModule):
                 )
                 return
             write_text_atomic(out / f"confusion_matrix_{stage}.md", table + "\n")
-            M.save_confusion_png(matrix, self.labels, out / f"confusion_matrix_{stage}.png", f"{stage} confusion matrix")
+            M.save_confusion_png(
+                matrix, self.labels, out / f"confusion_matrix_{stage}.png", f"{stage} confusion matrix"
+            )
 
     # ---- prediction ------------------------------------------------------------------------------------------
     @override
@@ -288,10 +297,13 @@ class FineTuneModule(L.LightningModule):
             return [self.labels[i] for i in logits.argmax(-1).tolist()]
         tok = self.tokenizer
         out = self.model.generate(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            max_new_tokens=self.hparams.max_new_tokens, do_sample=False,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        )  # fmt: skip
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=self.hparams.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         return tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
     @override

@@ -53,9 +53,13 @@ class LoRAModule(AdapterModule):
         # read the generated LoRA arguments from this frame); set_method_config adds them, as flat hparams
         AdapterModule.__init__(self, model_name_or_path, task, labels, model, learning_rate=learning_rate, **kwargs)
         self.set_method_config(
-            lora, loraplus_lr_ratio=loraplus_lr_ratio, merged_dir=merged_dir, adapter_dir=adapter_dir,
-            overwrite=overwrite, allow_config_change=allow_config_change,
-        )  # fmt: skip
+            lora,
+            loraplus_lr_ratio=loraplus_lr_ratio,
+            merged_dir=merged_dir,
+            adapter_dir=adapter_dir,
+            overwrite=overwrite,
+            allow_config_change=allow_config_change,
+        )
 
     def lora_settings(self) -> dict[str, Any]:
         """The ``inject_lora`` / ``LoRA`` arguments of this module (``self.config`` as a dict)."""

@@ -25,7 +25,9 @@ def decay_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
     return [g for g in groups if g["params"]]
 
 
-def adapter_groups(module: nn.Module, weight_decay: float, lr: float, group_lr: dict[str, float] | None = None) -> list[dict]:
+def adapter_groups(
+    module: nn.Module, weight_decay: float, lr: float, group_lr: dict[str, float] | None = None
+) -> list[dict]:
     """AdamW groups for a module with adapter layers: every trainable tensor goes to the group its adapter layer
     declares (``lightning_ft.modeling.Adapter.adapter_groups``), others to ``decay`` (matrices) or ``no_decay``
     (fewer than 2 dimensions: biases, norms, DoRA magnitudes).

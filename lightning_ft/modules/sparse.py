@@ -9,11 +9,11 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_ft.callbacks.sparse import SparseMask
+from lightning_ft.method_config import config_from_kwargs, takes_config
+from lightning_ft.modeling import adapter_param_names
 from lightning_ft.modules.adapter import AdapterModule
 from lightning_ft.modules.base import ModelTask
 from lightning_ft.modules.optim import decay_groups
-from lightning_ft.method_config import config_from_kwargs, takes_config
-from lightning_ft.modeling import adapter_param_names
 from lightning_ft.sparse.config import SparseConfig
 
 
@@ -51,9 +51,12 @@ class SparseModule(AdapterModule):
         # no super(): see LoRAModule.__init__ (the generated arguments are added to the hparams below)
         AdapterModule.__init__(self, model_name_or_path, task, labels, model, learning_rate=learning_rate, **kwargs)
         self.set_method_config(
-            sparse, merged_dir=merged_dir, adapter_dir=adapter_dir, overwrite=overwrite,
+            sparse,
+            merged_dir=merged_dir,
+            adapter_dir=adapter_dir,
+            overwrite=overwrite,
             allow_config_change=allow_config_change,
-        )  # fmt: skip
+        )
 
     def sparse_settings(self) -> dict[str, Any]:
         """The ``SparseMask`` arguments of this module (``self.config`` as a dict)."""
@@ -67,7 +70,9 @@ class SparseModule(AdapterModule):
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
         declared = adapter_param_names(self, "sparse")
         values = {n for n, group in declared.items() if group == "sparse_values"}
-        groups = decay_groups([(n, p) for n, p in self.named_parameters() if n not in values], self.hparams.weight_decay)
+        groups = decay_groups(
+            [(n, p) for n, p in self.named_parameters() if n not in values], self.hparams.weight_decay
+        )
         trained = [p for n, p in self.named_parameters() if n in values and p.requires_grad]
         if trained:  # the 1-D delta values are weight entries: decayed like matrices
             groups.append({"params": trained, "weight_decay": self.hparams.weight_decay})

@@ -4,8 +4,13 @@ from lightning_ft.sparse.config import SparseConfig
 from lightning_ft.sparse.delta import sparse_delta_linear
 from lightning_ft.sparse.export import load_sparse_delta, save_sparse_delta
 from lightning_ft.sparse.inject import (
-    inject_sparse, merge_sparse, sparse_counts, sparse_extra_params, sparse_layers, sparse_state_keys,
-)  # fmt: skip
+    inject_sparse,
+    merge_sparse,
+    sparse_counts,
+    sparse_extra_params,
+    sparse_layers,
+    sparse_state_keys,
+)
 from lightning_ft.sparse.layer import SparseLinear, check_indices
 from lightning_ft.sparse.mask import GradientMask
 from lightning_ft.sparse.reselect import DynamicReselection, drop_fraction, reselect_layer

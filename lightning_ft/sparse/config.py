@@ -14,8 +14,18 @@ from lightning_ft.sparse.reselect import SCHEDULES, Schedule
 from lightning_ft.sparse.selection import Allocation, Criterion, check_selection_args
 
 #: the fields that decide the selected entries and their storage (re-selection settings excluded)
-SELECTION_FIELDS = ("density", "criterion", "mode", "target_modules", "exclude_modules", "calibration_batches",
-                    "lora_equivalent_rank", "allocation", "modules_to_save", "seed")  # fmt: skip
+SELECTION_FIELDS = (
+    "density",
+    "criterion",
+    "mode",
+    "target_modules",
+    "exclude_modules",
+    "calibration_batches",
+    "lora_equivalent_rank",
+    "allocation",
+    "modules_to_save",
+    "seed",
+)
 
 
 @dataclass

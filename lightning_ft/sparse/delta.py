@@ -40,9 +40,12 @@ def sampled_weight_grad(grad_out: Tensor, x: Tensor, indices: Tensor, shape: tor
     crow = torch.zeros(rows + 1, dtype=indices.dtype, device=indices.device)
     crow[1:] = counts.cumsum(0)
     pattern = torch.sparse_csr_tensor(
-        crow, indices % cols, torch.zeros(len(indices), dtype=g2.dtype, device=g2.device), (rows, cols),
+        crow,
+        indices % cols,
+        torch.zeros(len(indices), dtype=g2.dtype, device=g2.device),
+        (rows, cols),
         check_invariants=False,
-    )  # fmt: skip
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"

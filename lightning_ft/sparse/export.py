@@ -21,9 +21,9 @@ from torch import nn
 
 from lightning_ft.file_checks import check_safetensors, read_json_file
 from lightning_ft.io import SIGNATURE, atomic_path, check_output, is_own_adapter_folder, user_path
+from lightning_ft.modeling import is_linear
 from lightning_ft.sparse.inject import inject_sparse, mark_extra_params, sparse_extra_params, sparse_layers
 from lightning_ft.sparse.layer import check_indices
-from lightning_ft.modeling import is_linear
 
 CONFIG_NAME = "sparse_config.json"
 WEIGHTS_NAME = "sparse_delta.safetensors"
@@ -61,14 +61,18 @@ def save_sparse_delta(
         tensors[name] = params[name].detach().to("cpu", copy=True).contiguous()
     nnz, numel = sum(layer.nnz for layer in layers.values()), sum(layer.numel for layer in layers.values())
     config = {
-        "format": FORMAT, "version": VERSION,
-        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None)
+        "format": FORMAT,
+        "version": VERSION,
+        "base_model_name_or_path": base_model_name_or_path
+        or getattr(model, "name_or_path", None)
         or f"<{type(model).__name__} built from a config>",
         "mode": next(iter(layers.values())).mode if layers else None,
-        "nnz": nnz, "density": nnz / numel if numel else None,
+        "nnz": nnz,
+        "density": nnz / numel if numel else None,
         "layers": {n: {"shape": list(layer.base_layer.weight.shape), "nnz": layer.nnz} for n, layer in layers.items()},
-        "extra_params": extra, **(metadata or {}),
-    }  # fmt: skip
+        "extra_params": extra,
+        **(metadata or {}),
+    }
     with atomic_path(path) as tmp:
         tmp.mkdir()
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

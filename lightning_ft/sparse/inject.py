@@ -7,8 +7,15 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor, nn
 
 from lightning_ft.modeling import (
-    TRAINED_BIAS, TRAINED_IN_FULL, adapter_layers, mark_trained, marked_modules, set_submodule, train_modules_in_full, unmark,
-)  # fmt: skip
+    TRAINED_BIAS,
+    TRAINED_IN_FULL,
+    adapter_layers,
+    mark_trained,
+    marked_modules,
+    set_submodule,
+    train_modules_in_full,
+    unmark,
+)
 from lightning_ft.sparse.layer import MODES, Mode, SparseLinear
 
 METHOD = "sparse"  # SparseLinear.adapter_method, and the mark on modules sparse fine-tuning trains in full

@@ -62,9 +62,11 @@ class ReselectStats:
 def _param_states(param: Tensor, optimizers: Iterable[torch.optim.Optimizer]) -> list[Tensor]:
     """The optimizer state tensors of ``param`` shaped like it (Adam's moments, SGD's momentum, ...)."""
     return [
-        t for opt in optimizers for t in opt.state.get(param, {}).values()
+        t
+        for opt in optimizers
+        for t in opt.state.get(param, {}).values()
         if isinstance(t, Tensor) and t.shape == param.shape
-    ]  # fmt: skip
+    ]
 
 
 @torch.no_grad()

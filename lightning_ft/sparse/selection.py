@@ -153,8 +153,10 @@ def select_sparse(
     weights = {n: model.get_submodule(n).weight for n in names}
     budgets = {n: budget(w.shape, density, lora_equivalent_rank) for n, w in weights.items()}
     if allocation == "per_matrix":  # one score tensor at a time
-        indices = {n: _top(criterion_scores(criterion, w, stats.pop(n, None), generator).reshape(-1), budgets[n])
-                   for n, w in weights.items()}  # fmt: skip
+        indices = {
+            n: _top(criterion_scores(criterion, w, stats.pop(n, None), generator).reshape(-1), budgets[n])
+            for n, w in weights.items()
+        }
     else:
         scores = {n: criterion_scores(criterion, w, stats.pop(n, None), generator) for n, w in weights.items()}
         indices = allocate(scores, budgets, "global")

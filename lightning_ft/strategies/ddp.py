@@ -15,8 +15,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_ft.strategies.common import AdapterStrategyMixin, as_timeout
 from lightning_ft.strategies.comm import AllReduceCounter, count_allreduce_hook, trainable_bytes
+from lightning_ft.strategies.common import AdapterStrategyMixin, as_timeout
 
 
 class AdapterDDPStrategy(AdapterStrategyMixin, DDPStrategy):
@@ -49,9 +49,12 @@ class AdapterDDPStrategy(AdapterStrategyMixin, DDPStrategy):
         self.comm_hook = ddp_kwargs.get("ddp_comm_hook")
         self.comm_state = ddp_kwargs.get("ddp_comm_state")
         super().__init__(
-            process_group_backend=process_group_backend, timeout=as_timeout(timeout),
-            start_method=start_method, find_unused_parameters=find_unused_parameters, **ddp_kwargs,
-        )  # fmt: skip
+            process_group_backend=process_group_backend,
+            timeout=as_timeout(timeout),
+            start_method=start_method,
+            find_unused_parameters=find_unused_parameters,
+            **ddp_kwargs,
+        )
 
     @override
     def configure_ddp(self) -> None:

@@ -51,10 +51,14 @@ class AdapterFSDP1Strategy(AdapterStrategyMixin, FSDPStrategy):
         **fsdp_kwargs: Any,
     ) -> None:
         super().__init__(
-            auto_wrap_policy=adapter_wrap_policy(block_classes), sharding_strategy=sharding_strategy,
-            state_dict_type=state_dict_type, timeout=as_timeout(timeout), process_group_backend=process_group_backend,
-            use_orig_params=False, **fsdp_kwargs,
-        )  # fmt: skip
+            auto_wrap_policy=adapter_wrap_policy(block_classes),
+            sharding_strategy=sharding_strategy,
+            state_dict_type=state_dict_type,
+            timeout=as_timeout(timeout),
+            process_group_backend=process_group_backend,
+            use_orig_params=False,
+            **fsdp_kwargs,
+        )
         self.block_classes = block_classes
         self.activation_checkpointing = activation_checkpointing
 

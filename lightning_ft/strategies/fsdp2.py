@@ -101,9 +101,12 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
         process_group_backend: str | None = None,
     ) -> None:
         super().__init__(
-            data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=save_distributed_checkpoint,
-            process_group_backend=process_group_backend, timeout=as_timeout(timeout),
-        )  # fmt: skip
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=as_timeout(timeout),
+        )
         self.block_classes = block_classes
         self.activation_checkpointing = activation_checkpointing
         self.mp_policy = mixed_precision_policy(param_dtype, reduce_dtype)
@@ -119,9 +122,13 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
     def setup(self, trainer: L.Trainer) -> None:
         module = self.lightning_module
         parallelize(
-            module, self.device_mesh["data_parallel"], self.block_classes, self.mp_policy,
-            self.activation_checkpointing, self.reshard_after_forward,
-        )  # fmt: skip
+            module,
+            self.device_mesh["data_parallel"],
+            self.block_classes,
+            self.mp_policy,
+            self.activation_checkpointing,
+            self.reshard_after_forward,
+        )
         with configure_model_overridden(module):
             super().setup(trainer)
 
@@ -157,9 +164,11 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
             optim_state = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)}
             load(optim_state, checkpoint_id=path)
             set_optimizer_state_dict(
-                self.model, optimizer, optim_state_dict=optim_state[f"optimizer_{i}"],
+                self.model,
+                optimizer,
+                optim_state_dict=optim_state[f"optimizer_{i}"],
                 options=StateDictOptions(cpu_offload=True),
-            )  # fmt: skip
+            )
         # the keys the checkpoint holds, so that callbacks' on_load_checkpoint can check them (LoRA does)
         metadata["state_dict"] = {k: state.get(k) for k in sorted(saved)}
         return metadata

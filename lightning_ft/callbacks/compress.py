@@ -195,8 +195,7 @@ class LowRankCompression(L.Callback):
                 "would factorise the factors again"
             )
         calibration = self._calibration(trainer, pl_module) if self.config.method == "asvd" else None
-        kwargs = {k: v for k, v in self.settings.items() if k != "calibration_batches"}
-        report = compress_low_rank(pl_module, calibration=calibration, **kwargs)
+        report = compress_low_rank(pl_module, config=self.config, calibration=calibration)
         setattr(pl_module, MARKER, self.settings)
         self.report = report
         rank_zero_info(f"LowRankCompression: {report.summary()}\n{report.table(max_rows=24)}")

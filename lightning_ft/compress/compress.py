@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_ft.compress.calibration import Calibration, Statistic, collect_activation_stats
+from lightning_ft.compress.calibration import Calibration, collect_activation_stats
+from lightning_ft.compress.config import CompressionConfig
 from lightning_ft.compress.factorize import activation_scale, split_factors, weight_svd
 from lightning_ft.compress.layer import LowRankLinear, dense_params, low_rank_layers, low_rank_params
 from lightning_ft.compress.rank import (
@@ -21,18 +22,9 @@ from lightning_ft.compress.rank import (
 )
 from lightning_ft.compress.report import CompressionReport, LayerReport, count_params
 from lightning_ft.compress.saving import record_in_configs
+from lightning_ft.method_config import config_from_kwargs, takes_config
 from lightning_ft.modeling import is_linear, linear_weight, set_submodule
 from lightning_ft.targets import select_modules
-
-Method = Literal["svd", "asvd"]
-METHODS = ("svd", "asvd")
-
-
-def check_compress_args(method: str, rank_ratio: float | None, energy: float | None, param_ratio: float | None) -> str:
-    """Fail early on an unknown method or a budget that is missing, doubled or outside (0, 1]; the budget's name."""
-    if method not in METHODS:
-        raise ValueError(f"unknown compression method {method!r}; choose one of {list(METHODS)}")
-    return check_budget(rank_ratio, energy, param_ratio)
 
 
 def adapter_wrappers(model: nn.Module) -> list[str]:
@@ -63,37 +55,25 @@ def compression_targets(
 
 
 @torch.no_grad()
+@takes_config(CompressionConfig, kwargs_name=None)
 def compress_low_rank(
     model: nn.Module,
-    rank_ratio: float | None = None,
-    energy: float | None = None,
-    method: Method = "svd",
+    config: CompressionConfig | None = None,
     calibration: Calibration | None = None,
-    target_modules: str | Sequence[str] = "all-linear",
-    exclude_modules: str | Sequence[str] | None = None,
-    param_ratio: float | None = None,
     max_calibration_batches: int | None = None,
-    activation_statistic: Statistic = "abs_mean",
-    asvd_alpha: float = 0.5,
+    **fields: Any,
 ) -> CompressionReport:
     """Factorise each targeted linear layer of ``model`` into a ``LowRankLinear``, in place.
 
     Each ``out x in`` weight becomes ``second @ first`` with ``first`` (r x in) = ``sqrt(S_r) V_r^T`` and ``second``
     (out x r) = ``U_r sqrt(S_r)`` (bias on ``second``), the best rank-``r`` approximation (Eckart-Young).
 
+    Takes a ``CompressionConfig`` or its fields as keyword arguments (``compress_low_rank(model, param_ratio=0.5)``;
+    fields given with a config override it); the fields are documented in ``CompressionConfig``.
+
     Args:
-        rank_ratio: keep ``floor(rank_ratio * min(out, in))`` singular values per matrix (error if that is 0).
-        energy: keep the smallest ``r`` whose singular values hold ``energy`` of ``sum(sigma_i^2)``.
-        param_ratio: keep the largest ``r`` with ``r * (out + in) <= param_ratio * out * in``: the share of each
-            matrix's parameters that remains (``0.5`` halves every targeted matrix). Give exactly one budget.
-        method: ``"svd"`` (plain truncated SVD) or ``"asvd"`` (activation-aware: factorise ``W diag(s)`` with ``s``
-            the per-input-channel activation size ``** asvd_alpha``, then fold ``diag(s)^-1`` into ``first``;
-            ``energy`` is then measured on the scaled matrix).
         calibration: for ``"asvd"``: an iterable of batches run as ``model(**batch)`` (dicts), or a callable
             ``calibration(model)`` running forwards; ``max_calibration_batches`` caps the iterable.
-        activation_statistic: ``"abs_mean"`` (mean ``|x_j|``, as the paper) or ``"rms"``.
-        target_modules, exclude_modules: as for LoRA (``lightning_ft.targets.select_modules``): ``"all-linear"``
-            leaves output heads (``lm_head``, ``classifier``) dense.
 
     A layer whose chosen rank would not save parameters (``r * (out + in) >= out * in``), or whose weight is shared
     with another module (tied embeddings), stays dense and is listed as such in the report. Hugging Face models
@@ -103,7 +83,13 @@ def compress_low_rank(
     Returns:
         A ``CompressionReport``: per-layer ranks and parameter counts, and the model's totals before and after.
     """
-    budget_name = check_compress_args(method, rank_ratio, energy, param_ratio)
+    config = config_from_kwargs(CompressionConfig, config, fields)
+    if fields:
+        raise TypeError(f"compress_low_rank got unexpected keyword arguments {sorted(fields)}")
+    method, rank_ratio, energy, param_ratio = config.method, config.rank_ratio, config.energy, config.param_ratio
+    target_modules, exclude_modules = config.target_modules, config.exclude_modules
+    activation_statistic, asvd_alpha = config.activation_statistic, config.asvd_alpha
+    budget_name = check_budget(rank_ratio, energy, param_ratio)
     budget = {budget_name: {"rank_ratio": rank_ratio, "energy": energy, "param_ratio": param_ratio}[budget_name]}
     names = compression_targets(model, target_modules, exclude_modules)
     if any(model.get_submodule(n).weight.is_meta for n in names):

@@ -6,11 +6,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from lightning_ft.compress.calibration import Statistic
-from lightning_ft.compress.compress import Method, check_compress_args
+from lightning_ft.compress.rank import check_budget
 from lightning_ft.method_config import MethodConfig
+
+Method = Literal["svd", "asvd"]
+METHODS = ("svd", "asvd")
+
+
+def check_compress_args(method: str, rank_ratio: float | None, energy: float | None, param_ratio: float | None) -> str:
+    """Fail early on an unknown method or a budget that is missing, doubled or outside (0, 1]; the budget's name."""
+    if method not in METHODS:
+        raise ValueError(f"unknown compression method {method!r}; choose one of {list(METHODS)}")
+    return check_budget(rank_ratio, energy, param_ratio)
 
 
 @dataclass
@@ -18,11 +28,15 @@ class CompressionConfig(MethodConfig):
     """Low-rank compression settings (``lightning_ft.compress.compress_low_rank``); give exactly one budget.
 
     Args:
-        rank_ratio: keep ``floor(rank_ratio * min(out, in))`` singular values per matrix.
+        rank_ratio: keep ``floor(rank_ratio * min(out, in))`` singular values per matrix (error if that is 0).
         energy: keep the smallest rank whose singular values hold this share of ``sum(sigma_i^2)``.
-        param_ratio: keep the largest rank ``r`` with ``r * (out + in) <= param_ratio * out * in``.
-        method: ``"svd"`` (plain truncated SVD) or ``"asvd"`` (activation-aware SVD).
-        calibration_batches: batches of the stage's dataloader that feed ``"asvd"``'s activation statistics.
+        param_ratio: keep the largest rank ``r`` with ``r * (out + in) <= param_ratio * out * in``: the share of each
+            matrix's parameters that remains (``0.5`` halves every targeted matrix).
+        method: ``"svd"`` (plain truncated SVD) or ``"asvd"`` (activation-aware: factorise ``W diag(s)`` with ``s``
+            the per-input-channel activation size ``** asvd_alpha``, then fold ``diag(s)^-1`` into the first factor;
+            ``energy`` is then measured on the scaled matrix).
+        calibration_batches: batches of the stage's dataloader that feed ``"asvd"``'s activation statistics (used by
+            the ``LowRankCompression`` callback; ``compress_low_rank`` takes the batches themselves).
         target_modules: as for LoRA (``lightning_ft.targets.select_modules``); ``"all-linear"`` leaves heads dense.
         exclude_modules: names / suffixes / a regex removed from the targets.
         activation_statistic: ``"abs_mean"`` (mean ``|x_j|``, as the paper) or ``"rms"``.

@@ -77,6 +77,15 @@ def config_from_kwargs(cls: type[C], config: C | Mapping[str, Any] | None, kwarg
     return config.replace(**fields) if fields else config
 
 
+def check_type(name: str, value: Any, kind: type | Callable[[Any], bool], config_class: type[MethodConfig]) -> None:
+    """Refuse a wrong value for one of a callback's own arguments (``kind``: a type, or ``callable``), naming the likely
+    mistake: the config given positionally, where it must be ``config=``."""
+    ok = value is None or (kind(value) if kind is callable else isinstance(value, kind))
+    if not ok:
+        hint = f"; give a {config_class.__name__} as config=..." if isinstance(value, config_class) else ""
+        raise TypeError(f"{name} got {type(value).__name__} {value!r}{hint}")
+
+
 def takes_config(cls: type[MethodConfig], kwargs_name: str = "kwargs") -> Callable[[Callable], Callable]:
     """Decorate an ``__init__(self, ..., config=None, ..., **kwargs)``: its signature (``inspect.signature``,
     LightningCLI) shows every field of ``cls`` as a keyword argument; ``config`` stays callable from Python but is left

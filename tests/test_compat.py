@@ -188,6 +188,9 @@ def test_no_private_lightning_name_outside_the_compat_module():
         r"\.(_strict_loading|_data_source|_configure_launcher|_activation_checkpointing_kwargs|_data_parallel_size|"
         r"_tensor_parallel_size|_ddp_comm_hook|_ddp_comm_state|_register_ddp_hooks|_trainer|_launcher|_results)\b"
     )
+    private_member = re.compile(
+        r"\b(trainer|strategy|fit_loop|epoch_loop|launcher|accelerator|precision_plugin|checkpoint_io)\._[a-z]\w*"
+    )
     offenders = []
     for path in sorted(root.rglob("*.py")):
         if path.name.startswith("_compat"):
@@ -195,4 +198,5 @@ def test_no_private_lightning_name_outside_the_compat_module():
         text = path.read_text()
         offenders += [f"{path.relative_to(root)}: {m.group(0).strip()}" for m in private_import.finditer(text)]
         offenders += [f"{path.relative_to(root)}: {m.group(0)}" for m in private_attr.finditer(text)]
+        offenders += [f"{path.relative_to(root)}: {m.group(0)}" for m in private_member.finditer(text)]
     assert not offenders, offenders

@@ -69,8 +69,12 @@ def test_signatures_list_every_config_field_once_with_its_default(target, cls):
 
 def test_fields_as_keywords_and_config_object_agree():
     assert (
-        LoRA(r=4, alpha=8).config == LoRA(LoRAConfig(r=4, alpha=8)).config == LoRA(LoRAConfig(r=2), r=4, alpha=8).config
+        LoRA(r=4, alpha=8).config
+        == LoRA(config=LoRAConfig(r=4, alpha=8)).config
+        == LoRA(config=LoRAConfig(r=2), r=4, alpha=8).config
     )
+    with pytest.raises(TypeError, match="give a LoRAConfig as config="):
+        LoRA(LoRAConfig(r=4))  # the config is keyword-only
     with pytest.raises(TypeError, match="unexpected"):
         LoRA(rank=4)
     module = LoRAModule(model_name_or_path="x", r=4, learning_rate=1e-3)

@@ -117,7 +117,8 @@ def test_gradient_criteria_use_calibration_gradients():
         "movement": -w.detach() * sum(grads),
     }
     for criterion, score in expected.items():
-        idx = select_sparse(model, 0.02, criterion, [name], batches=batches, loss_fn=lambda b: lm_loss(model, b))[name]
+        loss_fn = lambda b: lm_loss(model, b)  # noqa: E731
+        idx = select_sparse(model, batches, loss_fn, density=0.02, criterion=criterion, target_modules=[name])[name]
         assert torch.equal(idx, torch.sort(torch.topk(score.view(-1), idx.numel()).indices).values), criterion
     assert all(p.grad is None for p in model.parameters()) and all(p.requires_grad for p in model.parameters())
 
@@ -305,7 +306,7 @@ def test_dynamic_reselection_schedule():
     assert drop_fraction(25, 100, 0.4, "linear") == pytest.approx(0.3)
     with pytest.raises(ValueError, match="schedule"):
         drop_fraction(0, 1, 0.3, "step")
-    r = DynamicReselection({}, every=4, total_steps=10, window=2)
+    r = DynamicReselection({}, every=4, total_steps=10, fraction=0.3, schedule="cosine", window=2)
     assert [s for s in range(1, 11) if r.due(s)] == [4, 8]
     assert [s for s in range(1, 11) if r.in_window(s)] == [3, 4, 7, 8]
 

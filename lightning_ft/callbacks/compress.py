@@ -57,7 +57,7 @@ from lightning_ft.compress import compress_low_rank, low_rank_layers, low_rank_s
 from lightning_ft.compress.calibration import move_to
 from lightning_ft.compress.config import CompressionConfig
 from lightning_ft.compress.report import CompressionReport
-from lightning_ft.method_config import config_from_kwargs, takes_config
+from lightning_ft.method_config import check_type, config_from_kwargs, takes_config
 from lightning_ft.modeling import MODEL_INPUTS, hf_models
 from lightning_ft.resume_checks import (
     compare_configs,
@@ -109,11 +109,14 @@ class LowRankCompression(L.Callback):
     @takes_config(CompressionConfig, kwargs_name=None)
     def __init__(
         self,
-        config: CompressionConfig | None = None,
         calibration_forward: Callable[[L.LightningModule, Any], Any] | None = None,
         allow_config_change: bool = False,
+        *,
+        config: CompressionConfig | None = None,
         **kwargs: Any,
     ) -> None:
+        check_type("calibration_forward", calibration_forward, callable, CompressionConfig)
+        check_type("allow_config_change", allow_config_change, bool, CompressionConfig)
         self.config = config_from_kwargs(CompressionConfig, config, kwargs)
         if kwargs:
             raise TypeError(f"LowRankCompression got unexpected keyword arguments {sorted(kwargs)}")

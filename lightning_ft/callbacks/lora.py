@@ -30,7 +30,7 @@ from lightning_ft.callbacks.surgery import ModelSurgery
 from lightning_ft.lora import inject_lora, lora_layers, lora_state_dict
 from lightning_ft.lora.config import LoRAConfig
 from lightning_ft.lora.inject import METHOD
-from lightning_ft.method_config import config_from_kwargs, takes_config
+from lightning_ft.method_config import check_type, config_from_kwargs, takes_config
 from lightning_ft.modeling import adapter_param_names, ensure_input_grads_for_checkpointing
 
 MARKER = "_lightning_ft_lora"  # attribute of the module: {"config": settings, "trainable": names that train}
@@ -91,7 +91,8 @@ class LoRA(ModelSurgery):
     fixed_settings = ("use_dora",)  # DoRA's magnitude vectors are tensors of their own
 
     @takes_config(LoRAConfig, kwargs_name=None)
-    def __init__(self, config: LoRAConfig | None = None, allow_config_change: bool = False, **kwargs: Any) -> None:
+    def __init__(self, allow_config_change: bool = False, *, config: LoRAConfig | None = None, **kwargs: Any) -> None:
+        check_type("allow_config_change", allow_config_change, bool, LoRAConfig)
         self.config = config_from_kwargs(LoRAConfig, config, kwargs)
         if kwargs:
             raise TypeError(f"LoRA got unexpected keyword arguments {sorted(kwargs)}")
@@ -119,7 +120,7 @@ class LoRA(ModelSurgery):
             self._evaluating_merged = True
             self.relax_strict_loading(pl_module)  # so on_load_checkpoint can explain an adapter-only checkpoint
         else:
-            inject_lora(pl_module, self.config)  # RuntimeError when the module already has adapters
+            inject_lora(pl_module, config=self.config)  # RuntimeError when the module already has adapters
             trainable = {n for n, p in pl_module.named_parameters() if p.requires_grad}
             setattr(pl_module, MARKER, {"config": config, "trainable": trainable})
             rank_zero_info(

@@ -41,10 +41,10 @@ from typing_extensions import override
 
 from lightning_ft._compat import train_dataloader
 from lightning_ft.callbacks.surgery import ModelSurgery
-from lightning_ft.method_config import config_from_kwargs, takes_config
+from lightning_ft.method_config import check_type, config_from_kwargs, takes_config
 from lightning_ft.modeling import ensure_input_grads_for_checkpointing
 from lightning_ft.sparse.calibration import rank_and_world
-from lightning_ft.sparse.config import SparseConfig
+from lightning_ft.sparse.config import GRADIENT_CRITERIA, SparseConfig
 from lightning_ft.sparse.inject import (
     inject_sparse,
     sparse_counts,
@@ -54,7 +54,7 @@ from lightning_ft.sparse.inject import (
 )
 from lightning_ft.sparse.mask import GradientMask
 from lightning_ft.sparse.reselect import DynamicReselection
-from lightning_ft.sparse.selection import GRADIENT_CRITERIA, budget, select_sparse
+from lightning_ft.sparse.selection import budget, select_sparse
 from lightning_ft.targets import select_modules
 
 MARKER = "_lightning_ft_sparse"  # attribute of the module: {"config": settings, "trainable": names that train}
@@ -134,11 +134,14 @@ class SparseMask(ModelSurgery):
     @takes_config(SparseConfig, kwargs_name=None)
     def __init__(
         self,
-        config: SparseConfig | None = None,
         loss_fn: Callable[[L.LightningModule, Any], Tensor] | None = None,
         allow_config_change: bool = False,
+        *,
+        config: SparseConfig | None = None,
         **kwargs: Any,
     ) -> None:
+        check_type("loss_fn", loss_fn, callable, SparseConfig)
+        check_type("allow_config_change", allow_config_change, bool, SparseConfig)
         self.config = config_from_kwargs(SparseConfig, config, kwargs)
         if kwargs:
             raise TypeError(f"SparseMask got unexpected keyword arguments {sorted(kwargs)}")
@@ -194,16 +197,9 @@ class SparseMask(ModelSurgery):
         """The entries to train: calibrated in ``fit``; outside ``fit``, placeholders that a checkpoint replaces."""
         if self.config.criterion == "bitfit":
             return {}
-        kwargs = {
-            "density": self.config.density,
-            "criterion": self.config.criterion,
-            "target_modules": names,
-            "lora_equivalent_rank": self.config.lora_equivalent_rank,
-            "allocation": self.config.allocation,
-            "seed": self.config.seed,
-        }
+        config = self.config.replace(target_modules=names, exclude_modules=None)
         if self.config.criterion not in GRADIENT_CRITERIA:
-            return select_sparse(pl_module, **kwargs)
+            return select_sparse(pl_module, config=config)
         if trainer.state.fn != "fit":
             rank_zero_info(f"SparseMask: no calibration outside fit ({trainer.state.fn}); deltas start at zero")
             return {
@@ -237,7 +233,7 @@ class SparseMask(ModelSurgery):
         cuda = [device.index or 0] if device.type == "cuda" else []
         precision = trainer.precision_plugin.train_step_context()
         with torch.random.fork_rng(devices=cuda), calibration_mode(pl_module), precision:
-            return select_sparse(pl_module, **kwargs, batches=batches(), loss_fn=lambda b: loss_fn(pl_module, b))
+            return select_sparse(pl_module, batches(), lambda b: loss_fn(pl_module, b), config=config)
 
     @override
     def is_applied(self, pl_module: L.LightningModule) -> bool:

@@ -62,9 +62,14 @@ class TokenMeanLoss(L.Callback):
     def __init__(self, count_fn: Callable[[Any], Tensor] | None = None, log_name: str | None = "train/loss") -> None:
         self.count_fn = count_fn or count_batch_targets
         self.log_name = log_name
-        self.last_step_terms: int | None = None
+        self._last_step_terms: Tensor | None = None
         self._last_step_loss: Tensor | None = None  # on the device: read (a host sync) only when asked
         self._reset_window()
+
+    @property
+    def last_step_terms(self) -> int | None:
+        """The global count of loss terms of the last optimizer step."""
+        return None if self._last_step_terms is None else int(self._last_step_terms)
 
     @property
     def last_step_loss(self) -> float | None:
@@ -110,10 +115,11 @@ class TokenMeanLoss(L.Callback):
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         terms = torch.as_tensor(self._terms, device=pl_module.device, dtype=torch.long)
-        total = int(trainer.strategy.reduce(terms, reduce_op="sum").item())
-        factor = trainer.accumulate_grad_batches * trainer.world_size / max(total, 1)
+        total = trainer.strategy.reduce(terms, reduce_op="sum")
+        # stays on the device: no host sync per step
+        factor = (trainer.accumulate_grad_batches * trainer.world_size) / total.clamp(min=1).double()
         scale_gradients((p for group in optimizer.param_groups for p in group["params"]), factor)
-        self.last_step_terms = total
+        self._last_step_terms = total
         self._terms = 0
         self._stepped = True
 
@@ -129,7 +135,7 @@ class TokenMeanLoss(L.Callback):
         loss_sum = torch.as_tensor(self._loss_sum, device=pl_module.device, dtype=torch.float32)
         loss_sum = trainer.strategy.reduce(loss_sum, reduce_op="sum")
         # a tensor, not a float: no host sync here (Lightning reads logged values at its logging interval)
-        self._last_step_loss = loss_sum / max(self.last_step_terms or 0, 1)
+        self._last_step_loss = loss_sum / self._last_step_terms.clamp(min=1)
         if self.log_name:
             pl_module.log(
                 self.log_name, self._last_step_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1

@@ -58,9 +58,9 @@ def compression_targets(
 @takes_config(CompressionConfig, kwargs_name=None)
 def compress_low_rank(
     model: nn.Module,
-    config: CompressionConfig | None = None,
     calibration: Calibration | None = None,
-    max_calibration_batches: int | None = None,
+    *,
+    config: CompressionConfig | None = None,
     **fields: Any,
 ) -> CompressionReport:
     """Factorise each targeted linear layer of ``model`` into a ``LowRankLinear``, in place.
@@ -73,7 +73,7 @@ def compress_low_rank(
 
     Args:
         calibration: for ``"asvd"``: an iterable of batches run as ``model(**batch)`` (dicts), or a callable
-            ``calibration(model)`` running forwards; ``max_calibration_batches`` caps the iterable.
+            ``calibration(model)`` running forwards; the config's ``calibration_batches`` caps the iterable.
 
     A layer whose chosen rank would not save parameters (``r * (out + in) >= out * in``), or whose weight is shared
     with another module (tied embeddings), stays dense and is listed as such in the report. Hugging Face models
@@ -98,7 +98,7 @@ def compress_low_rank(
     report = CompressionReport(method=method, budget=budget, params_before=count_params(model))
     scales = {}
     if method == "asvd":
-        stats = collect_activation_stats(model, names, calibration, activation_statistic, max_calibration_batches)
+        stats = collect_activation_stats(model, names, calibration, activation_statistic, config.calibration_batches)
         scales = {n: activation_scale(s, asvd_alpha) for n, s in stats.items()}
     for name in names:
         layer = model.get_submodule(name)

@@ -35,8 +35,8 @@ class CompressionConfig(MethodConfig):
         method: ``"svd"`` (plain truncated SVD) or ``"asvd"`` (activation-aware: factorise ``W diag(s)`` with ``s``
             the per-input-channel activation size ``** asvd_alpha``, then fold ``diag(s)^-1`` into the first factor;
             ``energy`` is then measured on the scaled matrix).
-        calibration_batches: batches of the stage's dataloader that feed ``"asvd"``'s activation statistics (used by
-            the ``LowRankCompression`` callback; ``compress_low_rank`` takes the batches themselves).
+        calibration_batches: how many calibration batches feed ``"asvd"``'s activation statistics: the first ones of
+            ``compress_low_rank``'s ``calibration`` iterable, or of the stage's dataloader for the callback.
         target_modules: as for LoRA (``lightning_ft.targets.select_modules``); ``"all-linear"`` leaves heads dense.
         exclude_modules: names / suffixes / a regex removed from the targets.
         activation_statistic: ``"abs_mean"`` (mean ``|x_j|``, as the paper) or ``"rms"``.

@@ -42,7 +42,7 @@ def lora_bias(model: nn.Module) -> Bias:
 
 
 @takes_config(LoRAConfig, kwargs_name=None)
-def inject_lora(model: nn.Module, config: LoRAConfig | None = None, **fields: Any) -> nn.Module:
+def inject_lora(model: nn.Module, *, config: LoRAConfig | None = None, **fields: Any) -> nn.Module:
     """Wrap the chosen linear layers of ``model`` in ``LoRALinear`` and freeze everything else, in place.
 
     Takes a ``LoRAConfig`` or its fields as keyword arguments (``inject_lora(model, r=4, alpha=8)``; fields given

@@ -187,7 +187,8 @@ def save_peft_adapter(
     recorded = lora_bias(model)  # what inject_lora marked; a model changed by hand: what it trains
     bias = bias or (recorded if recorded != "none" else _infer_bias(model, layers, saved))
     first = next(iter(layers.values()))
-    wanted = {n: (layer.r, layer.alpha) for n, layer in layers.items()}
+    settings = {n: layer.adapter_config() for n, layer in layers.items()}  # each layer's own (adapter protocol)
+    wanted = {n: (c["r"], c["alpha"]) for n, c in settings.items()}
     r = Counter(v[0] for v in wanted.values()).most_common(1)[0][0]
     alpha = Counter(v[1] for v in wanted.values()).most_common(1)[0][0]
     config = {
@@ -200,8 +201,8 @@ def save_peft_adapter(
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
         "rank_pattern": {_exact_key(n, list(layers)): v[0] for n, v in wanted.items() if v[0] != r},
         "alpha_pattern": {_exact_key(n, list(layers)): v[1] for n, v in wanted.items() if v[1] != alpha},
-        "use_rslora": first.use_rslora,
-        "use_dora": first.use_dora,
+        "use_rslora": settings[next(iter(layers))]["use_rslora"],
+        "use_dora": settings[next(iter(layers))]["use_dora"],
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         "bias": bias,
         "modules_to_save": saved or None,

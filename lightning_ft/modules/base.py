@@ -22,7 +22,7 @@ from lightning_ft import metrics as M
 from lightning_ft._compat import attached_trainer
 from lightning_ft.callbacks.token_loss import TokenMeanLoss
 from lightning_ft.io import write_text_atomic
-from lightning_ft.modeling import MODEL_INPUTS, enable_activation_checkpointing
+from lightning_ft.modeling import MODEL_INPUTS, enable_activation_checkpointing, is_activation_checkpointing
 from lightning_ft.modules.objectives import next_token_targets, target_mask, token_sums
 from lightning_ft.modules.optim import decay_groups, warmup_decay
 from lightning_ft.report import report_dir
@@ -122,7 +122,7 @@ class FineTuneModule(L.LightningModule):
         # from_pretrained returns eval mode and Lightning keeps each submodule's mode: train mode turns dropout on
         # (Lightning's evaluation loops switch to eval mode themselves)
         self.model.train()
-        if self.hparams.gradient_checkpointing and not getattr(self.model, "is_gradient_checkpointing", False):
+        if self.hparams.gradient_checkpointing and not is_activation_checkpointing(self.model):
             enable_activation_checkpointing(self.model, input_grads=True)
 
     @property

@@ -37,13 +37,14 @@ class LoRAModule(AdapterModule):
         task: ModelTask = "causal_lm",
         labels: list[str] | None = None,
         model: nn.Module | None = None,
-        config: LoRAConfig | None = None,
         loraplus_lr_ratio: float | None = None,
         merged_dir: str | None = None,
         adapter_dir: str | None = None,
         overwrite: bool = False,
         allow_config_change: bool = False,
         learning_rate: float = 2e-4,
+        *,
+        config: LoRAConfig | None = None,
         **kwargs: Any,
     ) -> None:
         lora = config_from_kwargs(LoRAConfig, config, kwargs)  # takes the LoRA fields out of kwargs
@@ -61,13 +62,9 @@ class LoRAModule(AdapterModule):
             allow_config_change=allow_config_change,
         )
 
-    def lora_settings(self) -> dict[str, Any]:
-        """The ``inject_lora`` / ``LoRA`` arguments of this module (``self.config`` as a dict)."""
-        return self.config.to_dict()
-
     @override
     def method_callback(self) -> LoRA:
-        return LoRA(self.config, allow_config_change=self.hparams.get("allow_config_change", False))
+        return LoRA(config=self.config, allow_config_change=self.hparams.get("allow_config_change", False))
 
     @override
     def optimizer_param_groups(self) -> list[dict[str, Any]]:

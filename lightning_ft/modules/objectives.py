@@ -53,7 +53,16 @@ def count_targets(labels: Tensor) -> Tensor:
 
 @torch.no_grad()
 def scale_gradients(params, factor: float | Tensor) -> None:
-    """Multiply every existing ``.grad`` of ``params`` by ``factor`` in place (DTensor gradients included)."""
+    """Multiply every existing ``.grad`` of ``params`` by ``factor`` in place: a number, or a 0-dim tensor on the
+    gradients' device (no host sync). DTensor gradients (FSDP2) take the tensor as replicated on every rank."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.experimental import implicit_replication
+
     for p in params:
-        if p.grad is not None:
-            p.grad.mul_(factor)
+        if p.grad is None:
+            continue
+        if isinstance(p.grad, DTensor) and isinstance(factor, Tensor):
+            with implicit_replication():
+                p.grad.mul_(factor.to(p.grad.dtype))
+        else:
+            p.grad.mul_(factor.to(p.grad.dtype) if isinstance(factor, Tensor) else factor)

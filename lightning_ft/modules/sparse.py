@@ -39,12 +39,13 @@ class SparseModule(AdapterModule):
         task: ModelTask = "causal_lm",
         labels: list[str] | None = None,
         model: nn.Module | None = None,
-        config: SparseConfig | None = None,
         merged_dir: str | None = None,
         adapter_dir: str | None = None,
         overwrite: bool = False,
         allow_config_change: bool = False,
         learning_rate: float = 2e-4,
+        *,
+        config: SparseConfig | None = None,
         **kwargs: Any,
     ) -> None:
         sparse = config_from_kwargs(SparseConfig, config, kwargs)  # takes the sparse fields out of kwargs
@@ -58,13 +59,9 @@ class SparseModule(AdapterModule):
             allow_config_change=allow_config_change,
         )
 
-    def sparse_settings(self) -> dict[str, Any]:
-        """The ``SparseMask`` arguments of this module (``self.config`` as a dict)."""
-        return self.config.to_dict()
-
     @override
     def method_callback(self) -> SparseMask:
-        return SparseMask(self.config, allow_config_change=self.hparams.get("allow_config_change", False))
+        return SparseMask(config=self.config, allow_config_change=self.hparams.get("allow_config_change", False))
 
     @override
     def optimizer_param_groups(self) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Sparse fine-tuning, pure torch (no Lightning import): mask selection, delta / mask layers, re-selection, export."""
 
-from lightning_ft.sparse.config import SparseConfig
+from lightning_ft.sparse.config import CRITERIA, SparseConfig
 from lightning_ft.sparse.delta import sparse_delta_linear
 from lightning_ft.sparse.export import load_sparse_delta, save_sparse_delta
 from lightning_ft.sparse.inject import (
@@ -14,7 +14,7 @@ from lightning_ft.sparse.inject import (
 from lightning_ft.sparse.layer import SparseLinear, check_indices
 from lightning_ft.sparse.mask import GradientMask
 from lightning_ft.sparse.reselect import DynamicReselection, drop_fraction, reselect_layer
-from lightning_ft.sparse.selection import CRITERIA, budget, criterion_scores, select_sparse
+from lightning_ft.sparse.selection import budget, criterion_scores, select_sparse
 
 __all__ = [
     "CRITERIA",

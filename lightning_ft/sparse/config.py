@@ -6,12 +6,38 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from lightning_ft.method_config import MethodConfig
 from lightning_ft.sparse.layer import MODES, Mode
 from lightning_ft.sparse.reselect import SCHEDULES, Schedule
-from lightning_ft.sparse.selection import Allocation, Criterion, check_selection_args
+
+Criterion = Literal["random", "magnitude", "gradient", "fisher", "movement", "bitfit"]
+Allocation = Literal["per_matrix", "global"]
+CRITERIA = ("random", "magnitude", "gradient", "fisher", "movement", "bitfit")
+#: criteria that need gradients of calibration batches
+GRADIENT_CRITERIA = ("gradient", "fisher", "movement")
+ALLOCATIONS = ("per_matrix", "global")
+
+
+def check_selection_args(
+    density: float, criterion: str, allocation: str, lora_equivalent_rank: int | None, calibration_batches: int
+) -> None:
+    """Fail early, with the allowed values, on a budget or criterion that cannot work."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown sparse criterion {criterion!r}; choose one of {list(CRITERIA)}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; choose one of {list(ALLOCATIONS)}")
+    if lora_equivalent_rank is not None:
+        if lora_equivalent_rank < 1:
+            raise ValueError(f"lora_equivalent_rank must be >= 1, got {lora_equivalent_rank}")
+    elif not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    if criterion in GRADIENT_CRITERIA and calibration_batches < 1:
+        raise ValueError(
+            f"criterion {criterion!r} needs calibration batches (calibration_batches >= 1), got {calibration_batches}"
+        )
+
 
 #: the fields that decide the selected entries and their storage (re-selection settings excluded)
 SELECTION_FIELDS = (

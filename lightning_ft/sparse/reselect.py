@@ -116,6 +116,8 @@ class DynamicReselection:
 
     Steps are counted from 1 (the step in progress is ``global_step + 1``). Re-selection happens after steps
     ``every, 2 * every, ...`` before ``total_steps``, from the gradients of the ``window`` steps before it.
+    ``every``, ``fraction``, ``schedule`` and ``window`` are ``SparseConfig``'s ``reselect_every``, ``drop_fraction``,
+    ``drop_schedule`` and ``grow_window`` (validated there).
     """
 
     def __init__(
@@ -123,15 +125,10 @@ class DynamicReselection:
         layers: Mapping[str, SparseLinear],
         every: int,
         total_steps: int,
-        fraction: float = 0.3,
-        schedule: Schedule = "cosine",
-        window: int = 8,
+        fraction: float,
+        schedule: Schedule,
+        window: int,
     ) -> None:
-        if every < 1 or window < 1:
-            raise ValueError(f"reselect_every and grow_window must be >= 1, got {every} and {window}")
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"drop_fraction must be in [0, 1], got {fraction}")
-        drop_fraction(0, 1, fraction, schedule)  # validates the schedule
         self.layers, self.every, self.total_steps = dict(layers), every, total_steps
         self.fraction, self.schedule, self.window = fraction, schedule, min(window, every)
         self.accumulators: dict[str, Tensor] = {}  # mask mode: summed dense gradients; delta mode: the layers hold them

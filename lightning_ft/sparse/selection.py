@@ -19,40 +19,16 @@ matrices together, so matrices may get more or fewer than their share, or none).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_ft.method_config import config_from_kwargs, takes_config
 from lightning_ft.sparse.calibration import all_reduce_sum_, broadcast_indices, gradient_statistics
+from lightning_ft.sparse.config import ALLOCATIONS, CRITERIA, GRADIENT_CRITERIA, Allocation, SparseConfig
 from lightning_ft.targets import select_modules
-
-Criterion = Literal["random", "magnitude", "gradient", "fisher", "movement", "bitfit"]
-Allocation = Literal["per_matrix", "global"]
-CRITERIA = ("random", "magnitude", "gradient", "fisher", "movement", "bitfit")
-#: criteria that need gradients of calibration batches
-GRADIENT_CRITERIA = ("gradient", "fisher", "movement")
-ALLOCATIONS = ("per_matrix", "global")
-
-
-def check_selection_args(
-    density: float, criterion: str, allocation: str, lora_equivalent_rank: int | None, calibration_batches: int
-) -> None:
-    """Fail early, with the allowed values, on a budget or criterion that cannot work."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown sparse criterion {criterion!r}; choose one of {list(CRITERIA)}")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"unknown allocation {allocation!r}; choose one of {list(ALLOCATIONS)}")
-    if lora_equivalent_rank is not None:
-        if lora_equivalent_rank < 1:
-            raise ValueError(f"lora_equivalent_rank must be >= 1, got {lora_equivalent_rank}")
-    elif not (isinstance(density, (int, float)) and 0 < density <= 1):
-        raise ValueError(f"density must be in (0, 1], got {density!r}")
-    if criterion in GRADIENT_CRITERIA and calibration_batches < 1:
-        raise ValueError(
-            f"criterion {criterion!r} needs calibration batches (calibration_batches >= 1), got {calibration_batches}"
-        )
 
 
 def budget(shape: torch.Size | tuple[int, ...], density: float = 0.01, lora_equivalent_rank: int | None = None) -> int:
@@ -115,28 +91,32 @@ def _top(flat: Tensor, k: int) -> Tensor:
     return torch.sort(torch.topk(flat.float(), k, sorted=False).indices).values
 
 
+@takes_config(SparseConfig, kwargs_name=None)
 def select_sparse(
     model: nn.Module,
-    density: float = 0.01,
-    criterion: Criterion = "fisher",
-    target_modules: str | Sequence[str] = "all-linear",
-    exclude_modules: str | Sequence[str] | None = None,
-    lora_equivalent_rank: int | None = None,
-    allocation: Allocation = "per_matrix",
     batches: Iterable[Any] | None = None,
     loss_fn: Callable[[Any], Tensor] | None = None,
-    seed: int = 0,
+    *,
+    config: SparseConfig | None = None,
+    **fields: Any,
 ) -> dict[str, Tensor]:
     """``{linear layer name: sorted int64 indices into its flattened weight}``, the entries to train.
 
-    ``target_modules`` / ``exclude_modules`` follow ``lightning_ft.targets.select_modules`` (the LoRA rules).
+    Takes a ``SparseConfig`` or its fields as keyword arguments (documented there) and uses the selection ones:
+    ``density`` / ``lora_equivalent_rank``, ``criterion``, ``allocation``, ``seed``, ``target_modules`` /
+    ``exclude_modules`` (these follow ``lightning_ft.targets.select_modules`` (the LoRA rules).
     Gradient criteria run ``loss_fn(batch).backward()`` for each of ``batches`` (this process's share under
     ``torch.distributed``: statistics are summed over ranks, and rank 0's masks are broadcast, so every rank gets
     the same masks). ``bitfit`` selects no weight entries: it returns ``{}``. Memory: one float32 statistic per
     targeted weight during calibration; ``per_matrix`` scores one weight at a time, ``global`` holds every score at
     once (and a concatenated copy during the top-k).
     """
-    check_selection_args(density, criterion, allocation, lora_equivalent_rank, calibration_batches=1)
+    config = config_from_kwargs(SparseConfig, config, fields)
+    if fields:
+        raise TypeError(f"select_sparse got unexpected keyword arguments {sorted(fields)}")
+    density, criterion, allocation = config.density, config.criterion, config.allocation
+    lora_equivalent_rank, seed = config.lora_equivalent_rank, config.seed
+    target_modules, exclude_modules = config.target_modules, config.exclude_modules
     if criterion in GRADIENT_CRITERIA and (batches is None or loss_fn is None):
         raise ValueError(f"criterion {criterion!r} needs calibration batches and a loss_fn(batch) -> loss")
     names = select_modules(model, target_modules, exclude_modules)

@@ -13,10 +13,6 @@ from lightning_ft.modeling import is_linear
 OUTPUT_HEADS = ("lm_head", "classifier", "score", "qa_outputs", "cls", "embed_out", "output")
 
 
-def linear_names(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if name and is_linear(m)]
-
-
 def _is_output_head(model: nn.Module, name: str, module: nn.Module) -> bool:
     if name.split(".")[-1] in OUTPUT_HEADS or name.split(".")[0] in OUTPUT_HEADS:
         return True

@@ -54,7 +54,12 @@ def run(tokenizer, method: str, batch_size: int, accumulate: int, packing: bool,
     L.seed_everything(0, verbose=False)
     module = make_module(method, len(tokenizer))
     data = FineTuneDataModule(
-        tokenizer, task="instruction", train=varied_rows(8), max_length=256, batch_size=batch_size, packing=packing
+        tokenizer,
+        task="instruction",
+        train=varied_rows(32 if packing else 8),  # packed: 18 rows of unequal lengths, so 2 x 4 and 4 x 2 accumulate
+        max_length=256,
+        batch_size=batch_size,
+        packing=packing,
     )
     recorder = StepRecorder()
     trainer = quick_trainer(

@@ -156,3 +156,16 @@ def test_fit_with_packing_on_a_leaking_model_stops_before_training(tokenizer, tm
         tokenizer, task="instruction", train=instruction_rows(8), packing=True, packing_check=False, batch_size=2
     )
     quick_trainer(tmp_path, max_steps=1).fit(SFTModule(model=tiny_causal_lm("opt", len(tokenizer))), unchecked)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_the_probe_in_bfloat16(tokenizer, arch):
+    """In bf16 the probe keeps its verdicts: Llama packs (no false refusal from rounding), OPT is refused."""
+    from lightning_ft.data.packing import PackingError, check_packing
+
+    model = tiny_causal_lm(arch, len(tokenizer)).to(torch.bfloat16)
+    if arch == "llama":
+        check_packing(model)
+    else:
+        with pytest.raises(PackingError, match="OPTForCausalLM"):
+            check_packing(model)

@@ -302,7 +302,7 @@ class FineTuneDataModule(L.LightningDataModule):
 
     def check_packing_on_model(self) -> None:
         """Probe the Trainer's model (once per model): refuse packing when packed examples would attend to each other."""
-        from lightning_ft.strategies.sharding import hf_models
+        from lightning_ft.modeling import hf_models
 
         trainer = getattr(self, "trainer", None)
         module = trainer.lightning_module if trainer is not None else None

@@ -24,7 +24,7 @@ from lightning_ft.callbacks.token_loss import TokenMeanLoss
 from lightning_ft.io import write_text_atomic
 from lightning_ft.modeling import MODEL_INPUTS, enable_activation_checkpointing, is_activation_checkpointing
 from lightning_ft.modules.objectives import next_token_targets, target_mask, token_sums
-from lightning_ft.modules.optim import decay_groups, warmup_decay
+from lightning_ft.modules.optim import SCHEDULES, decay_groups, warmup_decay
 from lightning_ft.report import report_dir
 from lightning_ft.scoring import score_choices as choice_logprobs
 
@@ -86,7 +86,8 @@ class FineTuneModule(L.LightningModule):
             raise ValueError("a classification module needs `labels`, the ordered label names")
         if model is None and model_name_or_path is None:
             raise ValueError("give `model_name_or_path` (or an already built `model`)")
-        warmup_decay(scheduler, 0, 1)  # validates the name early
+        if scheduler not in SCHEDULES:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {list(SCHEDULES)}")
         self.save_hyperparameters(ignore=["model"])
         self.model_name_or_path = model_name_or_path
         self.task = task

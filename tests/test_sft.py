@@ -7,7 +7,8 @@ import math
 import lightning as L
 import pytest
 import torch
-from helpers import LossRecorder, instruction_rows, sentiment_rows, tiny_bert, tiny_llama
+from helpers import LossRecorder, instruction_rows, quick_trainer, sentiment_rows, tiny_bert, tiny_llama
+from helpers import lm_data as shared_lm_data
 
 from lightning_ft import FineTuneDataModule, SFTModule
 from lightning_ft.modules.optim import decay_groups, warmup_decay
@@ -16,25 +17,11 @@ LABELS = ["negative", "positive"]
 
 
 def trainer(tmp_path, max_steps=20, **kw):
-    kw.setdefault("limit_val_batches", 0)
-    return L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **kw,
-    )
+    return quick_trainer(tmp_path, max_steps=max_steps, **kw)
 
 
 def lm_data(tokenizer, n=32, **kw):
-    kw.setdefault("batch_size", 4)
-    return FineTuneDataModule(
-        tokenizer, task="instruction", train=instruction_rows(n), val=instruction_rows(8), max_length=128, **kw
-    )
+    return shared_lm_data(tokenizer, n=n, **kw)
 
 
 def cls_data(tokenizer, **kw):

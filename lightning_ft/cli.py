@@ -3,6 +3,8 @@
     lightning-ft fit --config recipes/minilm_mr_sft.yaml [--trainer.max_epochs 3 ...]
     lightning-ft validate|test|predict --config ... --ckpt_path ...
     lightning-ft prepare-mr [--out data/mr]      (the MR example's data; see ``lightning_ft_examples.mr``)
+    lightning-ft prepare-trec [--out data/trec]  (free-text answers; see ``lightning_ft_examples.trec``)
+    lightning-ft report RUN_DIR [RUN_DIR ...] --out report.md   (runs side by side; ``lightning_ft.evaluation``)
 
 A recipe states the model once (``model.init_args.model_name_or_path``) and the row format once (``data.format``:
 instruction, classification or text); the CLI links them to the data module's tokenizer and to the module's task
@@ -128,6 +130,17 @@ def main(argv: list[str] | None = None) -> None:
 
         if prepare_mr(args[1:], prog="lightning-ft prepare-mr"):
             raise SystemExit(1)
+        return
+    if args and args[0] == "prepare-trec":  # the TREC free-text example's data (lightning_ft_examples.trec)
+        from lightning_ft_examples.trec import main as prepare_trec
+
+        if prepare_trec(args[1:], prog="lightning-ft prepare-trec"):
+            raise SystemExit(1)
+        return
+    if args and args[0] == "report":
+        from lightning_ft.evaluation.run_report import main as report
+
+        report(args[1:], prog="lightning-ft report")
         return
     try:
         make_cli(argv)

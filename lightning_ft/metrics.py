@@ -5,6 +5,9 @@ Names (with the stage prefix ``train/``, ``val/`` or ``test/``):
   * classification: ``loss``, ``acc``, ``f1`` (macro), ``precision_<label>``, ``recall_<label>``, and a confusion
     matrix (not logged as a scalar; see ``confusion_table`` and ``save_confusion_png``);
   * multiple-choice scoring of a causal LM (rows with ``choices``): the classification metrics under ``choice_``.
+
+Threshold-free metrics (AUROC, average precision, calibration error), ROC / PR / reliability figures and the
+generation metrics of free-text answers live in ``lightning_ft.evaluation`` (``Evaluator``).
 """
 
 from __future__ import annotations
@@ -135,26 +138,8 @@ def confusion_table(matrix: Tensor, labels: list[str]) -> str:
 
 def save_confusion_png(matrix: Tensor, labels: list[str], path: str | os.PathLike, title: str = "") -> None:
     """Draw the confusion matrix with counts in each cell and write it atomically to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from lightning_ft.evaluation.figures import confusion_figure
     from lightning_ft.io import save_with_atomic
 
-    m = matrix.cpu().numpy()
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.2 * len(labels) + 2))
-    ax.imshow(m, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            ax.text(
-                j, i, str(int(m[i, j])), ha="center", va="center", color="white" if m[i, j] > m.max() / 2 else "black"
-            )
-    ax.set_title(title)
-    fig.tight_layout()
+    fig = confusion_figure(matrix, labels, title)
     save_with_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)

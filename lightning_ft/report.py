@@ -9,7 +9,7 @@ import struct
 from collections import Counter
 from pathlib import Path
 
-from lightning_ft.io import check_output, save_with_atomic, user_path
+from lightning_ft.io import check_output, user_path
 
 PNG_SOFTWARE = "lightning-ft report"  # the PNG ``Software`` text of every plot written here: marks them as ours
 
@@ -72,29 +72,10 @@ def plot_loss_curve(
     only when it is a plot written here, unless ``overwrite=True``.
     """
     out_png = check_output(out_png, "out_png", is_own=is_own_plot, folder=False, overwrite=overwrite)
-    import matplotlib
+    from lightning_ft.evaluation.figures import loss_figure, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = read_metric_series(metrics_csv, "train/loss")
-    val = read_metric_series(metrics_csv, "val/loss")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        steps, values = zip(*train)
-        ax.plot(steps, values, alpha=0.35, label="train/loss")
-        window = max(1, len(values) // 20)
-        ax.plot(steps, running_mean(values, window), label=f"train/loss (mean of {window})")
-    if val:
-        ax.plot(*zip(*val), "o-", label="val/loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_with_atomic(out_png, lambda p: fig.savefig(p, format="png", dpi=100, metadata={"Software": PNG_SOFTWARE}))
-    plt.close(fig)
+    series = {name: read_metric_series(metrics_csv, name) for name in ("train/loss", "val/loss")}
+    save_png(loss_figure(series, title), out_png)
 
 
 def running_mean(values: list[float], window: int) -> list[float]:

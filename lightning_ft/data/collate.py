@@ -19,6 +19,17 @@ def _pad(seqs: list[list[int]], value: int, length: int, left: bool = False) -> 
     return out
 
 
+def texts_to_tensor(texts: list[str]) -> torch.Tensor:
+    """(B, L) long: the UTF-8 bytes of each text, padded with -1 (at least one column)."""
+    raw = [list(t.encode("utf-8")) for t in texts]
+    return _pad(raw, -1, max(1, *map(len, raw)))
+
+
+def tensor_to_texts(encoded: torch.Tensor) -> list[str]:
+    """The texts of :func:`texts_to_tensor`."""
+    return [bytes(row[row >= 0].tolist()).decode("utf-8") for row in encoded.cpu()]
+
+
 def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
 
@@ -33,7 +44,10 @@ class Collator:
       * ``token_type_ids`` (B, T) when the tokenizer makes them;
       * for rows with choices (see ``lightning_ft.scoring``): ``choice_prompt_ids`` / ``choice_prompt_mask`` (B, P),
         the prompts left-padded; ``choice_ids`` / ``choice_mask`` (B*K, C), the K choices' tokens of each prompt,
-        right-padded; ``choice_target`` (B,) the index of the right choice (-100 when unknown).
+        right-padded; ``choice_target`` (B,) the index of the right choice (-100 when unknown);
+      * for evaluation rows with a free-text answer: ``gen_prompt_ids`` / ``gen_prompt_mask`` (B, P), the prompts
+        left-padded for generation, and ``reference_bytes`` (B, L) the answers' UTF-8 bytes, -1 after the end
+        (``tensor_to_texts`` reads them back; bytes, because a batch holds tensors only).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, padding_side: str = "right") -> None:
@@ -61,6 +75,12 @@ class Collator:
             batch["labels"] = torch.tensor([e["label"] for e in examples], dtype=torch.long)
         if "choice_ids" in examples[0]:
             batch.update(self.choice_batch(examples))
+        if "gen_prompt_ids" in examples[0]:
+            prompts = [e["gen_prompt_ids"] for e in examples]
+            prompt_len = _round_up(max(map(len, prompts)), self.pad_to_multiple_of)
+            batch["gen_prompt_ids"] = _pad(prompts, self.pad_token_id, prompt_len, left=True)
+            batch["gen_prompt_mask"] = _pad([[1] * len(p) for p in prompts], 0, prompt_len, left=True)
+            batch["reference_bytes"] = texts_to_tensor([e["reference"] for e in examples])
         return batch
 
     def choice_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:

@@ -52,6 +52,17 @@ def model_task_for(format: str | None = None, task: str | None = None) -> str:
     return FORMATS[resolve_format(format, task)].model_task
 
 
+def shared_choices(rows: dict[str, list[dict]], column: str) -> dict[str, list[str]]:
+    """For each evaluation split whose rows all have the same ``column`` list of choices: that list."""
+    out = {}
+    for name in ("val", "test"):
+        found = [r.get(column) for r in rows.get(name, [])]
+        sets = {tuple(map(str, c)) if isinstance(c, (list, tuple)) else None for c in found}
+        if len(sets) == 1 and None not in sets:
+            out[name] = list(sets.pop())
+    return out
+
+
 class FineTuneDataModule(L.LightningDataModule):
     """Tokenises, batches and (optionally) packs data for any ``lightning-ft`` module or a user's own.
 
@@ -149,6 +160,8 @@ class FineTuneDataModule(L.LightningDataModule):
         self.max_examples = {"train": max_train_examples, "val": max_eval_examples, "test": max_eval_examples}
         self.splits: dict[str, EncodedSplit] = {}
         self.row_format: DataFormat | None = None  # built from `format` at set-up
+        #: per evaluation split, the choices every row shares (names for the choice metrics' figures), if any
+        self.choice_names: dict[str, list[str]] = {}
 
     @property
     def task(self) -> str:
@@ -215,6 +228,7 @@ class FineTuneDataModule(L.LightningDataModule):
                 self.splits[name] = self.row_format.encode_for_predict(split_rows_, self.tokenizer, self.max_length)
             else:
                 self.splits[name] = self.row_format.encode(split_rows_, self.tokenizer, self.max_length, name)
+        self.choice_names = shared_choices(rows, self.columns["choices_column"]) if self.format == "instruction" else {}
         if self.packing and "train" in self.splits:
             unpacked = self.splits["train"]
             packed = pack_examples(unpacked.examples, self.max_length, self.seed)

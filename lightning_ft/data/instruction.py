@@ -12,7 +12,9 @@ Tokenizers without a chat template use this plain template (``{eos}`` is the tok
     ### Response:\n{assistant}{eos}\n\n
 
 Rows with a ``choices`` column (a fixed list of answers, e.g. ``["negative", "positive"]``) also get the token ids of
-each choice after the prompt, so that evaluation can score each choice by its log-likelihood.
+each choice after the prompt, so that evaluation can score each choice by its log-likelihood. Evaluation rows without
+choices keep their prompt alone (``gen_prompt_ids``, the prompt of the last answer, untruncated) and the answer's text
+(``reference``), so that evaluation can generate an answer and score its text (``lightning_ft.evaluation``).
 """
 
 from __future__ import annotations
@@ -153,7 +155,8 @@ class InstructionFormat:
         examples, truncated = [], 0
         for idx, row in enumerate(rows):
             ex = self.encode_row(row, tokenizer)
-            if ex.pop("prompt_length") >= max_length:
+            prompt_length = ex.pop("prompt_length")
+            if prompt_length >= max_length:
                 raise ValueError(
                     f"{split} row {idx}: the prompt alone is longer than max_length={max_length}, so no answer token "
                     "would be trained on. Raise max_length or shorten / filter long prompts."
@@ -163,6 +166,9 @@ class InstructionFormat:
                 ex = {k: v[:max_length] for k, v in ex.items()}
             if self.choices_column in row and split != "train":  # choices are only scored in evaluation
                 ex.update(self.encode_choices(row, tokenizer, max_length, f"{split} row {idx}"))
+            elif split != "train":  # free-text answers: evaluation may generate from the prompt and score the text
+                ex["gen_prompt_ids"] = ex["input_ids"][:prompt_length]
+                ex["reference"] = self.messages(row)[-1]["content"]
             examples.append(ex)
         return EncodedSplit(examples, truncated)
 

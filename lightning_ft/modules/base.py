@@ -21,7 +21,12 @@ from typing_extensions import override
 from lightning_ft import metrics as M
 from lightning_ft._compat import attached_trainer
 from lightning_ft.callbacks.token_loss import TokenMeanLoss
-from lightning_ft.io import write_text_atomic
+from lightning_ft.data.collate import tensor_to_texts
+from lightning_ft.evaluation import figures
+from lightning_ft.evaluation.evaluator import Evaluator
+from lightning_ft.evaluation.generation import generate_text
+from lightning_ft.evaluation.loggers import figure_folder, log_figures
+from lightning_ft.io import save_with_atomic, write_json_atomic, write_jsonl_atomic, write_text_atomic
 from lightning_ft.modeling import MODEL_INPUTS, enable_activation_checkpointing, is_activation_checkpointing
 from lightning_ft.modules.objectives import next_token_targets, target_mask, token_sums
 from lightning_ft.modules.optim import SCHEDULES, decay_groups, warmup_decay
@@ -30,6 +35,8 @@ from lightning_ft.scoring import score_choices as choice_logprobs
 
 ModelTask = Literal["causal_lm", "classification"]
 STAGES = ("train", "val", "test")
+#: where evaluation generates answers for rows without ``choices`` (``eval_generation``)
+GENERATION_STAGES = {"none": (), "test": ("test",), "val_test": ("val", "test")}
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -54,9 +61,17 @@ class FineTuneModule(L.LightningModule):
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         dtype: weight dtype at load (``"float32"`` default, ``"bfloat16"``); mixed precision is the Trainer's
             ``precision`` setting.
-        max_new_tokens: generation length in ``predict_step`` for causal LMs.
+        max_new_tokens: the longest generated answer, in tokens (evaluation and ``predict_step``).
         eval_lm_loss: in validation / test of causal-LM rows that have ``choices``, also compute the LM loss and
             perplexity of the answers (one more forward pass over prompt + answer). ``False`` only scores the choices.
+        eval_generation: where causal-LM rows *without* ``choices`` (free-text answers) get an answer generated and
+            scored against theirs (exact match, token F1, ROUGE-L, BLEU, chrF; see ``lightning_ft.evaluation``):
+            ``"val_test"`` (default), ``"test"`` or ``"none"``. The answers go to ``generations_<stage>.jsonl`` in
+            the run folder, next to ``metrics_<stage>.json``.
+        eval_generation_rows: generate for at most this many rows per stage and process (``None``: all).
+        generation_kwargs: further ``generate`` settings (``do_sample``, ``temperature``, ``num_beams``, ...);
+            greedy decoding by default. Generation stops at EOS or the chat template's end-of-turn token.
+        calibration_bins: equal-width confidence bins of the expected calibration error and reliability diagram.
     """
 
     def __init__(
@@ -78,6 +93,10 @@ class FineTuneModule(L.LightningModule):
         trust_remote_code: bool = False,
         max_new_tokens: int = 32,
         eval_lm_loss: bool = True,
+        eval_generation: Literal["none", "test", "val_test"] = "val_test",
+        eval_generation_rows: int | None = None,
+        generation_kwargs: dict[str, Any] | None = None,
+        calibration_bins: int = 15,
     ) -> None:
         super().__init__()
         if task not in ("causal_lm", "classification"):
@@ -88,6 +107,12 @@ class FineTuneModule(L.LightningModule):
             raise ValueError("give `model_name_or_path` (or an already built `model`)")
         if scheduler not in SCHEDULES:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {list(SCHEDULES)}")
+        if eval_generation not in GENERATION_STAGES:
+            raise ValueError(f"unknown eval_generation {eval_generation!r}; choose one of {list(GENERATION_STAGES)}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if eval_generation_rows is not None and eval_generation_rows < 0:
+            raise ValueError(f"eval_generation_rows must be 0 or more (None: every row), got {eval_generation_rows}")
         self.save_hyperparameters(ignore=["model"])
         self.model_name_or_path = model_name_or_path
         self.task = task
@@ -103,6 +128,9 @@ class FineTuneModule(L.LightningModule):
             self.metrics = nn.ModuleDict({f"{s}_": M.CausalLMMetrics(f"{s}/") for s in STAGES})
         # multiple-choice scoring of causal-LM rows with `choices`; built at the first scored batch (K unknown before)
         self.choice_metrics: nn.ModuleDict | None = None
+        # val / test: class probabilities (AUROC, AP, calibration), generated answers and their text metrics
+        self.evaluator = Evaluator(calibration_bins)
+        self.loss_history: dict[str, list[tuple[int, float]]] = {"train": [], "val": []}
         # a NaN / inf loss is noted on the device and raised at the logging interval: no host sync per step
         self.loss_watch = {s: NonFiniteLossWatch() for s in STAGES}
 
@@ -178,7 +206,11 @@ class FineTuneModule(L.LightningModule):
             self.losses[f"{stage}_"].update(loss.detach() / max(labels.numel(), 1), weight=labels.numel())
             if stage == "test":
                 self.confusion.update(logits.detach().argmax(-1), labels)
+            if stage != "train":
+                self.evaluator.update_classes(stage, logits.detach(), labels)
         else:
+            if "gen_prompt_ids" in batch and stage in GENERATION_STAGES[self.hparams.eval_generation]:
+                self.generate_and_score(batch, stage)
             scored = stage != "train" and "choice_ids" in batch
             if scored:
                 self.score_choices(batch, stage)
@@ -223,7 +255,31 @@ class FineTuneModule(L.LightningModule):
         keep = target != -100
         if keep.any():
             self.choice_metrics[f"{stage}_"].update(scores[keep].detach(), target[keep])
+            if stage != "train":
+                self.evaluator.update_choices(stage, scores.detach(), target)
         return scores
+
+    def generate_and_score(self, batch: dict[str, Any], stage: str) -> list[str]:
+        """Generate answers for the batch's prompts (up to ``eval_generation_rows`` per stage), score them against
+        the batch's reference answers; return the answers."""
+        references = tensor_to_texts(batch["reference_bytes"])
+        limit = self.hparams.eval_generation_rows
+        left = len(references) if limit is None else limit - self.evaluator.generated_rows(stage)
+        take = max(0, min(len(references), left))
+        if take == 0:
+            return []
+        ids, mask = batch["gen_prompt_ids"][:take], batch["gen_prompt_mask"][:take]
+        width = int(mask.sum(-1).max())  # the kept rows may need fewer (left) padding columns
+        ids, mask = ids[:, -width:], mask[:, -width:]
+        kwargs = dict(self.hparams.generation_kwargs or {})
+        if self.trainer.world_size > 1:  # sharded models need every rank in every forward, until all rows stop
+            kwargs.setdefault("synced_gpus", True)
+        answers = generate_text(
+            self.model, self.tokenizer, ids, mask, max_new_tokens=self.hparams.max_new_tokens, generation_kwargs=kwargs
+        )
+        prompts = [self.tokenizer.decode(row[m.bool()].tolist()) for row, m in zip(ids, mask)]
+        self.evaluator.update_generation(stage, prompts, answers, references[:take])
+        return answers
 
     # ---- epoch ends: compute, log, reset ---------------------------------------------------------------------
     @override
@@ -231,6 +287,26 @@ class FineTuneModule(L.LightningModule):
         # the non-finite loss check syncs with the device, so only every log_every_n_steps batches
         if (batch_idx + 1) % max(self.trainer.log_every_n_steps, 1) == 0:
             self.loss_watch["train"].check("train")
+            self.record_train_loss()
+
+    def record_train_loss(self) -> None:
+        """Note the last optimizer step's loss (from ``TokenMeanLoss``) for the loss curve."""
+        step_loss = next((cb for cb in self.trainer.callbacks if isinstance(cb, TokenMeanLoss)), None)
+        value = step_loss.last_step_loss if step_loss is not None else None
+        history = self.loss_history["train"]
+        if value is not None and (not history or history[-1][0] != self.global_step):
+            history.append((self.global_step, value))
+
+    @override
+    def on_fit_end(self) -> None:
+        """The loss curve to the loggers and ``figures/loss_curve.png``; ``loss_history.json`` in the run folder."""
+        folder = figure_folder(self.trainer)
+        if not self.trainer.is_global_zero or not any(self.loss_history.values()):
+            return
+        series = {f"{k}/loss": v for k, v in self.loss_history.items()}
+        log_figures(self.trainer, {"loss_curve": figures.loss_figure(series, "loss")}, folder)
+        if folder is not None:
+            write_json_atomic(folder.parent / "loss_history.json", {k: [list(p) for p in v] for k, v in series.items()})
 
     @override
     def on_train_epoch_end(self) -> None:
@@ -240,14 +316,43 @@ class FineTuneModule(L.LightningModule):
     @override
     def on_validation_epoch_end(self) -> None:
         self.loss_watch["val"].check("val")
-        self.log_stage_metrics("val")
+        values = self.log_stage_metrics("val")
+        if "val/loss" in values and not self.trainer.sanity_checking:
+            self.loss_history["val"].append((self.global_step, float(values["val/loss"])))
+        self.write_stage_results("val", values, with_figures=False)
 
     @override
     def on_test_epoch_end(self) -> None:
         self.loss_watch["test"].check("test")
-        self.log_stage_metrics("test")
+        values = self.log_stage_metrics("test")
         if self.task == "classification":
             self.report_confusion("test")
+        self.write_stage_results("test", values, with_figures=True)
+
+    def write_stage_results(self, stage: str, values: dict[str, Tensor], with_figures: bool) -> None:
+        """Into the run folder (rank 0): ``metrics_<stage>.json``, ``generations_<stage>.jsonl`` (every rank's
+        generated answers, gathered) and, ``with_figures``, the ROC / PR / reliability figures (also to the
+        loggers). Call on every rank."""
+        records = self.evaluator.take_records(stage)
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, records)
+            records = [dict(r, rank=rank) for rank, part in enumerate(gathered) for r in part]
+        folder = figure_folder(self.trainer)  # on every rank: trainer.log_dir broadcasts
+        if not self.trainer.is_global_zero or self.trainer.sanity_checking:
+            self.evaluator.forget(stage)
+            return
+        if with_figures:
+            names = getattr(getattr(self.trainer, "datamodule", None), "choice_names", {}).get(stage)
+            log_figures(self.trainer, self.evaluator.figures(stage, self.labels, names), folder)
+        self.evaluator.forget(stage)
+        if folder is None:
+            return
+        metrics = {k: float(v) for k, v in values.items()}
+        metrics.update(step=self.global_step, epoch=self.current_epoch)
+        write_json_atomic(folder.parent / f"metrics_{stage}.json", metrics)
+        if records:
+            write_jsonl_atomic(folder.parent / f"generations_{stage}.jsonl", records)
 
     def log_stage_metrics(self, stage: str) -> dict[str, Tensor]:
         values = {}
@@ -263,6 +368,8 @@ class FineTuneModule(L.LightningModule):
         if choice is not None and choice["acc"].update_count:
             values.update({k: v for k, v in choice.compute().items() if v.ndim == 0})
             choice.reset()
+        if stage != "train":
+            values.update(self.evaluator.compute(stage))  # AUROC / AP / ECE, generation metrics
         if stage == "train":
             values.pop("train/loss", None)  # logged per step
         if values:
@@ -278,6 +385,8 @@ class FineTuneModule(L.LightningModule):
         if self.trainer.is_global_zero:
             table = M.confusion_table(matrix, self.labels)
             rank_zero_info(f"{stage} confusion matrix:\n{table}")
+            fig = figures.confusion_figure(matrix, self.labels, f"{stage} confusion matrix")
+            log_figures(self.trainer, {f"{stage}/confusion_matrix": fig}, None if out is None else out / "figures")
             if out is None:
                 rank_zero_info(
                     f"lightning-ft: confusion_matrix_{stage}.md/.png not written: the Trainer has no logger and no "
@@ -285,9 +394,7 @@ class FineTuneModule(L.LightningModule):
                 )
                 return
             write_text_atomic(out / f"confusion_matrix_{stage}.md", table + "\n")
-            M.save_confusion_png(
-                matrix, self.labels, out / f"confusion_matrix_{stage}.png", f"{stage} confusion matrix"
-            )
+            save_with_atomic(out / f"confusion_matrix_{stage}.png", lambda p: fig.savefig(p, format="png", dpi=100))
 
     # ---- prediction ------------------------------------------------------------------------------------------
     @override
@@ -296,16 +403,14 @@ class FineTuneModule(L.LightningModule):
         if self.task == "classification":
             logits = self(batch)
             return [self.labels[i] for i in logits.argmax(-1).tolist()]
-        tok = self.tokenizer
-        out = self.model.generate(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
+        return generate_text(
+            self.model,
+            self.tokenizer,
+            batch["input_ids"],
+            batch["attention_mask"],
             max_new_tokens=self.hparams.max_new_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+            generation_kwargs=self.hparams.generation_kwargs,
         )
-        return tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
     @override
     def setup(self, stage: str) -> None:

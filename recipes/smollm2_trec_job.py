@@ -25,13 +25,16 @@ def main(argv: list[str]) -> None:
     cli = make_cli(argv, run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     trainer.test(model, data)
-    run = Path(trainer.log_dir)
-    zero_shot = move_test_outputs(run, run / "zero_shot")
+    run = Path(trainer.log_dir)  # on every rank (it broadcasts); only global rank 0 touches the files
+    zero_shot = run / "zero_shot"
+    if trainer.is_global_zero:
+        move_test_outputs(run, zero_shot)
     trainer.fit(model, data)
     trainer.test(model, data)
-    names = ["zero-shot", "tuned"]
-    out = write_run_report([zero_shot, run], run / "report.md", names=names, title="TREC question types")
-    print(f"report: {out}")
+    if trainer.is_global_zero:
+        names = ["zero-shot", "tuned"]
+        out = write_run_report([zero_shot, run], run / "report.md", names=names, title="TREC question types")
+        print(f"report: {out}")
 
 
 if __name__ == "__main__":

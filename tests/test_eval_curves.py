@@ -92,3 +92,33 @@ def test_bad_shapes_are_refused():
         C.auroc(SCORES, TARGET)
     with pytest.raises(ValueError, match="n_bins"):
         C.reliability_bins(PROBS, TARGET, 0)
+
+
+def test_multiclass_macro_leaves_out_classes_absent_from_the_targets():
+    """A class no row belongs to has no ROC curve: the macro mean is over the two present classes (torchmetrics'
+    own macro AUROC would count the absent class as 0)."""
+    g = torch.Generator().manual_seed(2)
+    target = torch.tensor([0, 1] * 15)  # class 2 never occurs
+    logits = torch.randn(30, 3, generator=g)
+    logits[torch.arange(30), target] += 1.0
+    probs = logits.softmax(-1)
+    per_class = []
+    for c in range(2):
+        pos, neg = probs[target == c, c], probs[target != c, c]
+        per_class.append((pos[:, None] > neg[None, :]).float().mean().item())
+    assert C.auroc(probs, target).item() == pytest.approx(sum(per_class) / 2, abs=1e-6)
+    curves = C.roc_curves(probs, target)
+    assert [c.index for c in curves] == [0, 1] and [c.area for c in curves] == pytest.approx(per_class, abs=1e-6)
+    pr = C.pr_curves(probs, target)
+    assert [c.index for c in pr] == [0, 1]
+    assert C.average_precision(probs, target).item() == pytest.approx(sum(c.area for c in pr) / 2, abs=1e-6)
+
+
+def test_curve_figures_name_each_curve_by_its_class():
+    from lightning_ft.evaluation.figures import roc_figure
+
+    probs = torch.tensor([[0.7, 0.1, 0.2], [0.2, 0.1, 0.7], [0.6, 0.2, 0.2], [0.1, 0.2, 0.7]])
+    target = torch.tensor([0, 2, 0, 2])  # class 1 absent
+    fig = roc_figure(C.roc_curves(probs, target), ["abbr", "desc", "loc"])
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend[0].startswith("abbr") and legend[1].startswith("loc")

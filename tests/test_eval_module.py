@@ -126,12 +126,12 @@ def test_generation_metrics_and_answers_written(tmp_path, tokenizer):
     rows = varied_rows(7, longest=4)
     dm = FineTuneDataModule(tokenizer, task="instruction", test=rows, max_length=128, eval_batch_size=3)
     model = tiny_llama(len(tokenizer), seed=4)
-    module = SFTModule(model=model, task="causal_lm", max_new_tokens=5, eval_generation_rows=5)
+    module = SFTModule(model=model, task="causal_lm", max_new_tokens=5, val_generation_rows=5)
     t = trainer(CSVLogger(tmp_path), tmp_path)
     (logged,) = t.test(module, dm)
     run = tmp_path / "lightning_logs" / "version_0"
     records = [json.loads(line) for line in (run / "generations_test.jsonl").read_text().splitlines()]
-    assert [r["reference"] for r in records] == [r["response"] for r in rows[:5]]  # 5 of 7 rows: the limit
+    assert [r["reference"] for r in records] == [r["response"] for r in rows]  # test: every row, whatever the cap
     # oracle: each prompt alone, generated outside the module
     for r, row in zip(records, rows):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)
@@ -145,6 +145,20 @@ def test_generation_metrics_and_answers_written(tmp_path, tokenizer):
     assert json.loads((run / "metrics_test.json").read_text())["test/gen_token_f1"] == pytest.approx(
         logged["test/gen_token_f1"]
     )
+
+
+def test_validation_generates_for_the_first_val_generation_rows(tmp_path, tokenizer):
+    rows = varied_rows(7, longest=4)
+    dm = FineTuneDataModule(tokenizer, task="instruction", val=rows, max_length=128, eval_batch_size=3)
+    module = SFTModule(model=tiny_llama(len(tokenizer), seed=4), task="causal_lm", max_new_tokens=3,
+                       val_generation_rows=5)  # fmt: skip
+    t = trainer(CSVLogger(tmp_path), tmp_path)
+    for _ in range(2):  # the cap holds per validation run, not once per module
+        t.validate(module, dm)
+        run = tmp_path / "lightning_logs" / "version_0"  # one logger: the second run replaces the file
+        records = [json.loads(line) for line in (run / "generations_val.jsonl").read_text().splitlines()]
+        assert [r["reference"] for r in records] == [r["response"] for r in rows[:5]]  # 5 of 7 rows: the cap
+    assert SFTModule(model=tiny_llama(len(tokenizer)), task="causal_lm").hparams.val_generation_rows == 256
 
 
 def test_generation_can_be_switched_off(tmp_path, tokenizer):
@@ -170,3 +184,10 @@ def test_generation_under_ddp_gathers_every_rank(tmp_path, tokenizer):
     again = GenerationMetrics()
     again.update([r["prediction"] for r in records], [r["reference"] for r in records])
     assert logged["test/gen_token_f1"] == pytest.approx(float(again.compute()["token_f1"]), abs=1e-6)
+    # validation: a cap of 3 rows in total is 2 per process (ceil(3 / 2)), the first batch of each
+    dm = FineTuneDataModule(tokenizer, task="instruction", val=rows, max_length=128, eval_batch_size=2)
+    module.hparams.val_generation_rows = 3
+    t.validate(module, dm)
+    (written,) = (tmp_path / "lightning_logs").glob("version_*/generations_val.jsonl")
+    records = [json.loads(line) for line in written.read_text().splitlines()]
+    assert sorted(r["rank"] for r in records) == [0, 0, 1, 1]

@@ -117,3 +117,28 @@ def test_reference_texts_round_trip_through_a_tensor():
     encoded = texts_to_tensor(texts)
     assert encoded.dtype == torch.long and encoded.shape[0] == 4
     assert tensor_to_texts(encoded) == texts
+
+
+def test_generation_syncs_ranks_only_for_sharded_weights(tokenizer, monkeypatch):
+    """Under DDP every rank holds the whole model: ``synced_gpus`` would add an all-reduce per new token (and a hang
+    when the ranks' generate calls differ); only sharded (DTensor) weights need it."""
+    from types import SimpleNamespace
+
+    from lightning_ft import SFTModule
+    from lightning_ft.data.collate import texts_to_tensor
+    from lightning_ft.modules import base
+
+    seen = []
+    monkeypatch.setattr(
+        base, "generate_text", lambda *a, generation_kwargs, **k: seen.append(generation_kwargs) or [""]
+    )
+    module = SFTModule(model=tiny_llama(len(tokenizer)), task="causal_lm")
+    module._tokenizer = tokenizer
+    module._trainer = SimpleNamespace(world_size=2)  # a DDP run of two processes
+    batch = {"gen_prompt_ids": torch.tensor([[5, 6]]), "gen_prompt_mask": torch.ones(1, 2, dtype=torch.long),
+             "reference_bytes": texts_to_tensor(["x"])}  # fmt: skip
+    module.generate_and_score(batch, "test")
+    assert "synced_gpus" not in seen[-1]
+    monkeypatch.setattr(base, "is_sharded", lambda model: True)
+    module.generate_and_score(batch, "test")
+    assert seen[-1]["synced_gpus"] is True

@@ -99,3 +99,21 @@ def test_move_test_outputs_keeps_a_zero_shot_test_apart(tmp_path):
     assert (run / "hparams.yaml").exists() and (zero / "hparams.yaml").exists()  # copied, not moved
     summary = load_run(zero, "zero-shot")
     assert summary.metrics == {"test/acc": 0.5} and set(summary.figures) == {"test_roc"}
+
+
+def test_report_never_replaces_a_file_it_did_not_write(two_runs, tmp_path):
+    root, runs = two_runs
+    notes, plot = tmp_path / "notes.md", tmp_path / "notes_loss.png"
+    notes.write_text("my own notes\n")
+    with pytest.raises(ValueError, match="report"):
+        write_run_report([runs[0][0]], notes)
+    assert notes.read_text() == "my own notes\n" and not plot.exists()
+    plot.write_bytes(b"\x89PNG\r\n\x1a\nnot ours")
+    out = tmp_path / "fresh" / "notes.md"
+    write_run_report([runs[0][0]], out)
+    write_run_report([runs[0][0]], out)  # its own report (and plot): replaced without asking
+    (out.parent / "notes_loss.png").write_bytes(plot.read_bytes())  # a plot that is not ours beside it
+    with pytest.raises(ValueError, match="loss plot"):
+        write_run_report([runs[0][0]], out)
+    write_run_report([runs[0][0]], notes, overwrite=True)
+    assert notes.read_text().startswith("<!-- lightning-ft report -->")

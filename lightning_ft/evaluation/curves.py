@@ -6,7 +6,9 @@ Pure torch (plus ``torchmetrics.functional``), no Lightning. Every function take
 * ``target``: (N,) long true class ids in ``[0, C)``.
 
 Two classes are the *binary* case: class 1 is the positive class and one curve / one number is reported for it.
-More classes are one-vs-rest: a curve per class, and the macro mean of the per-class AUROC / average precision.
+More classes are one-vs-rest: a curve per class, and the macro mean of the per-class AUROC / average precision, over
+the classes that have both positive and negative rows in ``target`` (a class that never occurs has no ROC curve:
+torchmetrics would count its AUROC as 0 and pull the macro mean down).
 
 Calibration uses the top-class confidence ``max(probs, -1)`` and whether the top class is right, in ``n_bins`` equal
 bins of confidence ``[0, 1/n), [1/n, 2/n), ..., [(n-1)/n, 1]``. The expected calibration error (ECE) is the
@@ -16,6 +18,7 @@ count-weighted mean of ``|accuracy - mean confidence|`` over the bins (torchmetr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +29,6 @@ from torchmetrics.functional.classification import (
     binary_average_precision,
     binary_precision_recall_curve,
     binary_roc,
-    multiclass_auroc,
-    multiclass_average_precision,
-    multiclass_precision_recall_curve,
-    multiclass_roc,
 )
 from torchmetrics.utilities import dim_zero_cat
 from typing_extensions import override
@@ -51,11 +50,16 @@ class ProbabilityStore(Metric):
         self.add_state("probs", [], dist_reduce_fx="cat")
         self.add_state("target", [], dist_reduce_fx="cat")
 
+    @property
+    def num_classes(self) -> int:
+        """C of the stored rows (0 before the first update)."""
+        return self.probs[0].shape[1] if isinstance(self.probs, list) and self.probs else 0
+
     @override
     def update(self, probs: Tensor, target: Tensor) -> None:
-        """``probs`` (N, C), ``target`` (N,)."""
-        self.probs.append(probs.detach().float())
-        self.target.append(target.detach().long())
+        """``probs`` (N, C), ``target`` (N,); N may be 0."""
+        self.probs.append(probs.detach().float().to(self.device))
+        self.target.append(target.detach().long().to(self.device))
 
     @override
     def compute(self) -> tuple[Tensor, Tensor]:
@@ -64,11 +68,13 @@ class ProbabilityStore(Metric):
 
 @dataclass
 class Curve:
-    """One curve: ``x`` and ``y`` (1-D, CPU) and its summary number (AUROC or average precision)."""
+    """One curve: ``x`` and ``y`` (1-D, CPU), its summary number (AUROC or average precision) and the class id
+    it is the one-vs-rest curve of (1, the positive class, for a binary task)."""
 
     x: Tensor
     y: Tensor
     area: float
+    index: int = 1
 
 
 def _classes(probs: Tensor, target: Tensor) -> int:
@@ -82,31 +88,50 @@ def has_both_outcomes(target: Tensor, num_classes: int) -> bool:
     return target.numel() > 0 and int(target.unique().numel()) >= 2 and num_classes >= 2
 
 
+def ranked_classes(target: Tensor, num_classes: int) -> list[int]:
+    """The classes with one-vs-rest positives and negatives among ``target``: those a ROC / PR curve exists for."""
+    present = torch.bincount(target.long(), minlength=num_classes)
+    return [c for c in range(num_classes) if 0 < int(present[c]) < target.numel()]
+
+
 def auroc(probs: Tensor, target: Tensor) -> Tensor:
-    """Area under the ROC curve: of class 1 when C == 2, else the macro mean over one-vs-rest curves."""
+    """Area under the ROC curve: of class 1 when C == 2, else the macro mean over the one-vs-rest curves of the
+    classes present in ``target``."""
     c = _classes(probs, target)
     if c == 2:
         return binary_auroc(probs[:, 1], target)
-    return multiclass_auroc(probs, target, num_classes=c, average="macro")
+    return _one_vs_rest_mean(probs, target, binary_auroc)
 
 
 def average_precision(probs: Tensor, target: Tensor) -> Tensor:
-    """Average precision (area under the step PR curve): of class 1 when C == 2, else the one-vs-rest macro mean."""
+    """Average precision (area under the step PR curve): of class 1 when C == 2, else the one-vs-rest macro mean
+    over the classes present in ``target``."""
     c = _classes(probs, target)
     if c == 2:
         return binary_average_precision(probs[:, 1], target)
-    return multiclass_average_precision(probs, target, num_classes=c, average="macro")
+    return _one_vs_rest_mean(probs, target, binary_average_precision)
+
+
+def _one_vs_rest_mean(probs: Tensor, target: Tensor, metric: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    classes = ranked_classes(target, probs.shape[1])
+    if not classes:
+        raise ValueError("AUROC / average precision need at least two classes among the targets")
+    return torch.stack([metric(probs[:, k], (target == k).long()) for k in classes]).mean()
 
 
 def roc_curves(probs: Tensor, target: Tensor) -> list[Curve]:
-    """ROC curves (x = false-positive rate, y = true-positive rate): one for class 1 when C == 2, else one per class."""
+    """ROC curves (x = false-positive rate, y = true-positive rate): one for class 1 when C == 2, else one per class
+    present in ``target`` (``Curve.index`` names it)."""
     c = _classes(probs, target)
     if c == 2:
         fpr, tpr, _ = binary_roc(probs[:, 1], target)
-        return [Curve(fpr.cpu(), tpr.cpu(), float(binary_auroc(probs[:, 1], target)))]
-    fprs, tprs, _ = multiclass_roc(probs, target, num_classes=c)
-    areas = multiclass_auroc(probs, target, num_classes=c, average=None)
-    return [Curve(f.cpu(), t.cpu(), float(a)) for f, t, a in zip(fprs, tprs, areas)]
+        return [Curve(fpr.cpu(), tpr.cpu(), float(binary_auroc(probs[:, 1], target)), 1)]
+    out = []
+    for k in ranked_classes(target, c):
+        scores, positive = probs[:, k], (target == k).long()
+        fpr, tpr, _ = binary_roc(scores, positive)
+        out.append(Curve(fpr.cpu(), tpr.cpu(), float(binary_auroc(scores, positive)), k))
+    return out
 
 
 def pr_curves(probs: Tensor, target: Tensor) -> list[Curve]:
@@ -114,10 +139,13 @@ def pr_curves(probs: Tensor, target: Tensor) -> list[Curve]:
     c = _classes(probs, target)
     if c == 2:
         precision, recall, _ = binary_precision_recall_curve(probs[:, 1], target)
-        return [Curve(recall.cpu(), precision.cpu(), float(binary_average_precision(probs[:, 1], target)))]
-    precisions, recalls, _ = multiclass_precision_recall_curve(probs, target, num_classes=c)
-    areas = multiclass_average_precision(probs, target, num_classes=c, average=None)
-    return [Curve(r.cpu(), p.cpu(), float(a)) for p, r, a in zip(precisions, recalls, areas)]
+        return [Curve(recall.cpu(), precision.cpu(), float(binary_average_precision(probs[:, 1], target)), 1)]
+    out = []
+    for k in ranked_classes(target, c):
+        scores, positive = probs[:, k], (target == k).long()
+        precision, recall, _ = binary_precision_recall_curve(scores, positive)
+        out.append(Curve(recall.cpu(), precision.cpu(), float(binary_average_precision(scores, positive)), k))
+    return out
 
 
 @dataclass

@@ -66,21 +66,43 @@ class Evaluator(nn.Module):
 
     # ---- epoch end -------------------------------------------------------------------------------------------
     def compute(self, stage: str) -> dict[str, Tensor]:
-        """The stage's scalars (names with ``{stage}/``); resets the stores. Call on every rank (states gather)."""
+        """The stage's scalars (names with ``{stage}/``), over every rank's rows; resets the stores.
+
+        Call on every rank: the ranks first agree (one ``all_reduce``) on which stores any rank filled, so that a
+        rank whose shard gave a store nothing (every choice target unknown, fewer generated rows) still joins the
+        gathers instead of leaving the others waiting for it.
+        """
         out: dict[str, Tensor] = {}
         self._computed[stage] = {}
-        for kind, stores, prefix in (("class", self.class_probs, ""), ("choice", self.choice_probs, "choice_")):
-            store = stores[f"{stage}_"]
-            if store.update_count:
+        stores = (("class", self.class_probs[f"{stage}_"], ""), ("choice", self.choice_probs[f"{stage}_"], "choice_"))
+        gen = self.generation[f"{stage}_"]
+        local = [n for _, store, _ in stores for n in (store.update_count, store.num_classes)] + [gen.update_count]
+        agreed = self._max_over_ranks(local)
+        for i, (kind, store, prefix) in enumerate(stores):
+            count, num_classes = agreed[2 * i], agreed[2 * i + 1]
+            if count:
+                if not store.update_count:  # an empty share, so that the gather has this rank's (0, C) part
+                    store.update(torch.zeros(0, num_classes), torch.zeros(0, dtype=torch.long))
                 probs, target = store.compute()
                 self._computed[stage][kind] = (probs, target)
                 out.update(C.summary(probs, target, f"{stage}/{prefix}", self.calibration_bins))
             store.reset()
-        gen = self.generation[f"{stage}_"]
-        if gen.update_count:
+        if agreed[-1]:
+            if not gen.update_count:
+                gen.update_empty()
             out.update(gen.compute(f"{stage}/gen_"))
         gen.reset()
         return out
+
+    def _max_over_ranks(self, values: list[int]) -> list[int]:
+        """Element-wise maximum of ``values`` over the ranks of the default process group (as is without one)."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return values
+        device = self.generation["val_"].exact_match.mean_value.device  # the module's device (NCCL: a GPU)
+        agreed = torch.tensor(values, dtype=torch.long, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        return agreed.tolist()
 
     def take_records(self, stage: str) -> list[dict[str, Any]]:
         """This rank's generated answers of the stage (``index``, ``prompt``, ``reference``, ``prediction``)."""
@@ -102,8 +124,7 @@ class Evaluator(nn.Module):
             names = list(names) if names and len(names) == k else [f"choice {i}" for i in range(k)]
             what = "classifier" if kind == "class" else "multiple-choice scoring"
             if C.has_both_outcomes(target, k):
-                prevalence = [float((target == c).float().mean()) for c in range(k)]
-                prevalence = prevalence[1:] if k == 2 else prevalence
+                prevalence = [float((target == c).float().mean()) for c in range(k)]  # indexed by class id
                 out[f"{stage}/{prefix}roc"] = F.roc_figure(C.roc_curves(probs, target), names, f"{stage} ROC, {what}")
                 out[f"{stage}/{prefix}pr"] = F.pr_figure(
                     C.pr_curves(probs, target), names, prevalence, f"{stage} precision-recall, {what}"

@@ -15,8 +15,8 @@ from lightning_ft.report import PNG_SOFTWARE, running_mean
 
 
 def _curve_names(curves: Sequence[Curve], labels: Sequence[str]) -> list[str]:
-    # binary: one curve, for the positive class (labels[1])
-    return [labels[1]] if len(curves) == 1 and len(labels) == 2 else list(labels)
+    """Each curve's class name (``Curve.index`` into ``labels``; binary: the positive class, ``labels[1]``)."""
+    return [labels[c.index] if c.index < len(labels) else f"class {c.index}" for c in curves]
 
 
 def roc_figure(curves: Sequence[Curve], labels: Sequence[str], title: str = "") -> Figure:
@@ -36,17 +36,17 @@ def roc_figure(curves: Sequence[Curve], labels: Sequence[str], title: str = "") 
 def pr_figure(
     curves: Sequence[Curve], labels: Sequence[str], prevalence: Sequence[float] = (), title: str = ""
 ) -> Figure:
-    """Precision-recall curves with their average precision; ``prevalence`` (each class's share) draws the
-    precision of a random classifier."""
+    """Precision-recall curves with their average precision; ``prevalence`` (each class's share of the rows, indexed
+    by class id) draws the precision of a random classifier."""
     fig = Figure(figsize=(5, 4.5))
     ax = fig.subplots()
     names = _curve_names(curves, labels)
     for i, (curve, name) in enumerate(zip(curves, names)):
         label = f"{name} (AP {curve.area:.3f})"
         (line,) = ax.plot(curve.x.numpy(), curve.y.numpy(), drawstyle="steps-post", label=label)
-        if i < len(prevalence):
+        if curve.index < len(prevalence):
             chance = "chance (class share)" if i == 0 else None
-            ax.axhline(prevalence[i], linestyle=":", linewidth=0.8, color=line.get_color(), label=chance)
+            ax.axhline(prevalence[curve.index], linestyle=":", linewidth=0.8, color=line.get_color(), label=chance)
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize="small")

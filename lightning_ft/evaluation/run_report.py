@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_ft.io import write_text_atomic
+from lightning_ft.io import check_output, write_text_atomic
 
 CONFIG_FILES = ("config.yaml", "hparams.yaml")
+#: the first line of every report written here: an existing file that starts with it is ours to replace
+REPORT_MARK = "<!-- lightning-ft report -->"
 #: configuration keys that differ between any two runs and say nothing about the method
 NOISE_KEYS = ("default_root_dir", "save_dir", "dirpath", "ckpt_path", "adapter_dir", "merged_dir", "output_path")
 
@@ -152,11 +154,14 @@ def write_run_report(
     out: str | os.PathLike,
     names: Sequence[str] | None = None,
     title: str = "Run report",
+    overwrite: bool = False,
 ) -> Path:
     """Write the Markdown report of ``run_dirs`` to ``out`` (and ``<out stem>_loss.png`` next to it); return ``out``.
 
     ``names`` label the runs (default: the folder names, made unique). An entry may also be a ready
-    :class:`RunSummary` (e.g. a zero-shot test whose numbers you hold in memory), shown as it is.
+    :class:`RunSummary` (e.g. a zero-shot test whose numbers you hold in memory), shown as it is. An existing
+    ``out`` or loss PNG is replaced only when this function wrote it (or with ``overwrite=True``); anything else
+    there is a clear error before anything is written.
     """
     if not run_dirs:
         raise ValueError("give at least one run folder")
@@ -165,9 +170,14 @@ def write_run_report(
     folders = [d.folder if isinstance(d, RunSummary) else Path(d) for d in run_dirs]
     labels = list(names) if names else _unique_names(folders)
     runs = [d if isinstance(d, RunSummary) else load_run(d, n) for d, n in zip(run_dirs, labels)]
-    out = Path(out).expanduser()
+    from lightning_ft.report import is_own_plot
+
+    out = check_output(out, "report", is_own=is_own_report, folder=False, overwrite=overwrite)
+    loss_png = check_output(
+        out.with_name(out.stem + "_loss.png"), "report loss plot", is_own=is_own_plot, folder=False, overwrite=overwrite
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", ""]
+    lines = [REPORT_MARK, f"# {title}", ""]
     lines += _table(["run", "folder"], [[r.name, f"`{_rel(r.folder, out)}`"] for r in runs]) + [""]
 
     diff = config_differences(runs)
@@ -193,7 +203,6 @@ def write_run_report(
         from lightning_ft.evaluation.figures import loss_figure, save_png
 
         series = {f"{r.name} {k}": v for r in runs for k, v in r.losses.items() if v}
-        loss_png = out.with_name(out.stem + "_loss.png")
         save_png(loss_figure(series, "loss"), loss_png)
         lines += ["## Loss curves", "", f"![loss curves]({_rel(loss_png, out)})", ""]
 
@@ -231,6 +240,15 @@ def move_test_outputs(run: str | os.PathLike, to: str | os.PathLike) -> Path:
     return to
 
 
+def is_own_report(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a report :func:`write_run_report` wrote (its first line is ``REPORT_MARK``)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().rstrip("\n") == REPORT_MARK
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _rel(path: Path, out: Path) -> str:
     return Path(os.path.relpath(path.resolve(), out.parent.resolve())).as_posix()
 
@@ -251,9 +269,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "lightning-ft report") -
     parser.add_argument("--out", default="report.md", help="the Markdown file to write (default: report.md)")
     parser.add_argument("--names", nargs="+", help="a label per run folder, in order")
     parser.add_argument("--title", default="Run report")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out even when it is not a report")
     args = parser.parse_args(argv)
     try:
-        path = write_run_report(args.run_dirs, args.out, args.names, args.title)
+        path = write_run_report(args.run_dirs, args.out, args.names, args.title, args.overwrite)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     print(f"wrote {path}")

@@ -107,6 +107,13 @@ class GenerationMetrics(nn.Module):
         self.bleu.update(predictions, [[r] for r in references])
         self.chrf.update(predictions, [[r] for r in references])
 
+    def update_empty(self) -> None:
+        """Count an update of no rows (a rank with nothing to score still joins the gathers at ``compute``)."""
+        for name in ("exact_match", "token_f1", "rouge_l"):
+            getattr(self, name).update(torch.zeros(0))
+        self.bleu.update([], [])
+        self.chrf.update([], [])
+
     @property
     def update_count(self) -> int:
         return self.exact_match.update_count

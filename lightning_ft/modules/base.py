@@ -32,6 +32,7 @@ from lightning_ft.modules.objectives import next_token_targets, target_mask, tok
 from lightning_ft.modules.optim import SCHEDULES, decay_groups, warmup_decay
 from lightning_ft.report import report_dir
 from lightning_ft.scoring import score_choices as choice_logprobs
+from lightning_ft.strategies.sharding import is_sharded
 
 ModelTask = Literal["causal_lm", "classification"]
 STAGES = ("train", "val", "test")
@@ -68,7 +69,11 @@ class FineTuneModule(L.LightningModule):
             scored against theirs (exact match, token F1, ROUGE-L, BLEU, chrF; see ``lightning_ft.evaluation``):
             ``"val_test"`` (default), ``"test"`` or ``"none"``. The answers go to ``generations_<stage>.jsonl`` in
             the run folder, next to ``metrics_<stage>.json``.
-        eval_generation_rows: generate for at most this many rows per stage and process (``None``: all).
+        val_generation_rows: in validation, generate for the first this many rows only (in total: each of N
+            processes takes ``ceil(rows / N)``; ``None``: every row). Validation runs at every ``val_check_interval``
+            and generating costs up to ``max_new_tokens`` forward passes per batch, so the default 256 keeps it
+            cheap on big validation sets; the same rows are scored each time, so epochs compare. Test always
+            generates for every row (limit it with the data module's ``max_eval_examples``).
         generation_kwargs: further ``generate`` settings (``do_sample``, ``temperature``, ``num_beams``, ...);
             greedy decoding by default. Generation stops at EOS or the chat template's end-of-turn token.
         calibration_bins: equal-width confidence bins of the expected calibration error and reliability diagram.
@@ -94,7 +99,7 @@ class FineTuneModule(L.LightningModule):
         max_new_tokens: int = 32,
         eval_lm_loss: bool = True,
         eval_generation: Literal["none", "test", "val_test"] = "val_test",
-        eval_generation_rows: int | None = None,
+        val_generation_rows: int | None = 256,
         generation_kwargs: dict[str, Any] | None = None,
         calibration_bins: int = 15,
     ) -> None:
@@ -111,8 +116,8 @@ class FineTuneModule(L.LightningModule):
             raise ValueError(f"unknown eval_generation {eval_generation!r}; choose one of {list(GENERATION_STAGES)}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if eval_generation_rows is not None and eval_generation_rows < 0:
-            raise ValueError(f"eval_generation_rows must be 0 or more (None: every row), got {eval_generation_rows}")
+        if val_generation_rows is not None and val_generation_rows < 0:
+            raise ValueError(f"val_generation_rows must be 0 or more (None: every row), got {val_generation_rows}")
         self.save_hyperparameters(ignore=["model"])
         self.model_name_or_path = model_name_or_path
         self.task = task
@@ -260,10 +265,12 @@ class FineTuneModule(L.LightningModule):
         return scores
 
     def generate_and_score(self, batch: dict[str, Any], stage: str) -> list[str]:
-        """Generate answers for the batch's prompts (up to ``eval_generation_rows`` per stage), score them against
+        """Generate answers for the batch's prompts (in validation up to ``val_generation_rows``), score them against
         the batch's reference answers; return the answers."""
         references = tensor_to_texts(batch["reference_bytes"])
-        limit = self.hparams.eval_generation_rows
+        limit = self.hparams.val_generation_rows if stage == "val" else None
+        if limit is not None:  # this process's share; every process reaches it at the same batch (equal shards)
+            limit = -(-limit // max(self.trainer.world_size, 1))
         left = len(references) if limit is None else limit - self.evaluator.generated_rows(stage)
         take = max(0, min(len(references), left))
         if take == 0:
@@ -272,8 +279,8 @@ class FineTuneModule(L.LightningModule):
         width = int(mask.sum(-1).max())  # the kept rows may need fewer (left) padding columns
         ids, mask = ids[:, -width:], mask[:, -width:]
         kwargs = dict(self.hparams.generation_kwargs or {})
-        if self.trainer.world_size > 1:  # sharded models need every rank in every forward, until all rows stop
-            kwargs.setdefault("synced_gpus", True)
+        if is_sharded(self.model):  # sharded weights need every rank in every forward, until all ranks' rows stop
+            kwargs.setdefault("synced_gpus", True)  # (not under DDP: a whole model per rank, no per-token all-reduce)
         answers = generate_text(
             self.model, self.tokenizer, ids, mask, max_new_tokens=self.hparams.max_new_tokens, generation_kwargs=kwargs
         )

@@ -178,7 +178,7 @@ def test_merge_adapters_needs_a_hugging_face_model_and_a_dir():
         MergeAdapters()
 
 
-def _resume_run(tmp_path, tokenizer, pretrained, ckpt_path=None):
+def _resume_run(tmp_path, tokenizer, pretrained, ckpt_path=None, **lora):
     torch.manual_seed(1)
     module = LoRAModule(
         pretrained,
@@ -188,6 +188,7 @@ def _resume_run(tmp_path, tokenizer, pretrained, ckpt_path=None):
         weight_decay=0.01,
         use_dora=True,
         bias="lora_only",
+        **lora,
     )
     rec = LossRecorder()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1, filename="{step}")
@@ -212,7 +213,11 @@ def test_adapter_only_checkpoint_resumes_exactly(tmp_path, tokenizer):
     adapter_mb, full_mb = lora_cb.checkpoint_megabytes
     assert adapter_mb < 0.3 * full_mb
 
-    resumed, resumed_losses, _ = _resume_run(tmp_path / "b", tokenizer, pretrained, ckpt_path=path)
+    assert "fuse" not in ckpt["lightning_ft_lora"]["config"]  # speed-only settings: a resume may switch them
+    # the straight run was fused (the default); the resumed one is not, and still resumes exactly
+    resumed, resumed_losses, _ = _resume_run(tmp_path / "b", tokenizer, pretrained, ckpt_path=path, fuse=False)
+    assert all(layer._fused is None for layer in lora_layers(resumed).values())
+    assert any(layer._fused is not None for layer in lora_layers(straight).values())
     assert len(losses) == 10 and len(resumed_losses) == 5
     torch.testing.assert_close(torch.tensor(resumed_losses), torch.tensor(losses[5:]), atol=1e-6, rtol=0)
     final, again = resumed.state_dict(), straight.state_dict()

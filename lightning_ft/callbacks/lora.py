@@ -33,6 +33,7 @@ from lightning_ft.lora.inject import METHOD
 from lightning_ft.method_config import check_type, config_from_kwargs, takes_config
 from lightning_ft.modeling import adapter_param_names, ensure_input_grads_for_checkpointing
 
+SPEED_ONLY = ("fuse", "compile")  # LoRAConfig fields left out of the resume checks
 MARKER = "_lightning_ft_lora"  # attribute of the module: {"config": settings, "trainable": names that train}
 
 
@@ -152,7 +153,8 @@ class LoRA(ModelSurgery):
 
     @override
     def checkpoint_config(self) -> dict[str, Any]:
-        return self.config.to_dict()
+        # fuse / compile change speed only, never the numbers: a resume may switch them freely
+        return {k: v for k, v in self.config.to_dict().items() if k not in SPEED_ONLY}
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

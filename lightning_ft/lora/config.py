@@ -36,6 +36,9 @@ class LoRAConfig(MethodConfig):
         init: ``"default"`` (kaiming A, zero B), ``"gaussian"`` or ``"pissa"`` (top singular vectors of ``W``).
         modules_to_save: names / suffixes of modules trained in full (e.g. a fresh ``classifier`` head).
         bias: ``"none"`` (biases frozen), ``"all"`` (every bias trains) or ``"lora_only"`` (biases of adapted layers).
+        fuse: compute ``x @ A^T`` once for sibling projections that read the same input (q/k/v, gate/up; see
+            ``lightning_ft.lora.fused``). Same numbers, same files; only speed differs. Layers with dropout run unfused.
+        compile: ``torch.compile`` each transformer block after injection (``lightning_ft.lora.compile``). Speed only.
     """
 
     r: int = 8
@@ -50,6 +53,8 @@ class LoRAConfig(MethodConfig):
     init: Init = "default"
     modules_to_save: Sequence[str] | None = None
     bias: Bias = "none"
+    fuse: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         """Fail early, with the allowed values, on a rank below 1, a negative dropout or an unknown bias / init."""

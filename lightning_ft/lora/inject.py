@@ -7,7 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_ft.lora.compile import compile_blocks
 from lightning_ft.lora.config import Bias, LoRAConfig
+from lightning_ft.lora.fused import fuse_siblings
 from lightning_ft.lora.layer import LoRALinear, fold_lora
 from lightning_ft.method_config import config_from_kwargs, takes_config
 from lightning_ft.modeling import (
@@ -84,6 +86,10 @@ def inject_lora(model: nn.Module, *, config: LoRAConfig | None = None, **fields:
         mark_trained(model, owners, METHOD, TRAINED_BIAS)
     saved = train_modules_in_full(model, config.modules_to_save)
     mark_trained(model, saved, METHOD)
+    if config.fuse:
+        fuse_siblings(model, lora_layers(model))
+    if config.compile:
+        compile_blocks(model)
     return model
 
 

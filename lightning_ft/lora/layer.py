@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_ft.lora.config import INITS
+from lightning_ft.lora.fused import FusedInput
 from lightning_ft.modeling import is_linear, linear_shape
 
 
@@ -78,6 +79,8 @@ class LoRALinear(nn.Module):
             base_layer.bias.requires_grad_(True)
         self.merged = False
         self._merged_norm: Tensor | None = None  # DoRA: the column norm used at merge time, needed to unmerge
+        self._norm_cache: tuple[tuple, Tensor] | None = None  # DoRA: (key of the base weight, its squared row norms)
+        self._fused: FusedInput | None = None  # set by ``lightning_ft.lora.fused.fuse_siblings``
         self.reset_lora_parameters(init)
 
     # ---- the adapter protocol (lightning_ft.modeling.Adapter) -------------------------------------------------
@@ -110,8 +113,32 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B.float() @ self.lora_A.float())
 
     def weight_norm(self) -> Tensor:
-        """DoRA's per-output-feature norm of ``W + scale * B @ A`` (out_features,), detached, float32."""
-        return torch.linalg.norm(self.base_weight().float() + self.delta_weight().detach(), dim=1).detach()
+        """DoRA's per-output-feature norm of ``W + scale * B @ A`` (out_features,), detached, float32.
+
+        Without forming the (out, in) matrix: ``||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i
+        + s^2 B_i (A A^T) B_i^T``; ``||W_i||^2`` of the frozen base is cached (see ``base_row_norms``). Rows whose
+        norm is zero get a tiny positive one, so ``magnitude / norm`` never divides by zero (a zero row has a zero
+        magnitude at init, so the row stays zero instead of turning NaN).
+        """
+        with torch.no_grad():
+            w, a, b = self.base_weight(), self.lora_A.detach().float(), self.lora_B.detach().float()
+            wa = w.float() @ a.T  # (out, r)
+            sq = self.base_row_norms() + 2 * self.scaling * (b * wa).sum(1)
+            sq += self.scaling**2 * ((b @ (a @ a.T)) * b).sum(1)
+            return sq.clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+
+    def base_row_norms(self) -> Tensor:
+        """``||W_i||^2`` of the base weight (out_features,), float32; cached while the base weight is the same tensor
+        with the same storage and version (a load, ``.to()``, merge / unmerge or PiSSA init all recompute it)."""
+        if torch.compiler.is_compiling():  # the cache key would break the graph; the compiler fuses the reduction
+            return self.base_weight().detach().float().square().sum(1)
+        w = self.base_layer.weight
+        key = (id(w), w.data_ptr(), w._version, w.dtype, w.device)
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            with torch.no_grad():
+                norms = self.base_weight().float().square().sum(1)
+            self._norm_cache = (key, norms)
+        return self._norm_cache[1]
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "default") -> None:
@@ -138,23 +165,47 @@ class LoRALinear(nn.Module):
         """Store an (out, in) float32 weight into the base layer in its own layout and dtype."""
         target = self.base_layer.weight
         target.data.copy_((w.T if self.fan_in_fan_out else w).to(target.dtype))
+        self._norm_cache = None  # ``.data.copy_`` leaves the version counter alone
 
     # ---- forward ---------------------------------------------------------------------------------------------
+    def lora_hidden(self, x: Tensor) -> Tensor:
+        """``A @ dropout(x)`` as (..., r), in the adapters' dtype; shared with fused siblings where possible."""
+        if self._fused is not None and (h := self._fused.lora_input(self, x)) is not None:
+            return h
+        return F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
+
+    def add_update(self, result: Tensor, h: Tensor) -> Tensor:
+        """``result + scale * h @ B^T``: one ``addmm`` (the add and the scale ride in the GEMM) where the dtypes
+        allow, else the plain expression. ``result`` (..., out), ``h`` (..., r)."""
+        if result.dtype == h.dtype and result.is_contiguous():
+            out = torch.addmm(
+                result.reshape(-1, self.out_features), h.reshape(-1, self.r), self.lora_B.T, alpha=self.scaling
+            )
+            return out.view(result.shape)
+        return result + (F.linear(h, self.lora_B) * self.scaling).to(result.dtype)
+
     @override
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)
         if self.merged:
             return result
-        dx = self.dropout(x).to(self.lora_A.dtype)
-        lora = F.linear(F.linear(dx, self.lora_A) * self.scaling, self.lora_B)  # scale the (.., r) tensor: cheaper
+        if self.use_dora and not isinstance(self.dropout, nn.Identity):
+            return self._dora_with_dropout(x, result)
+        h = self.lora_hidden(x)
         if not self.use_dora:
-            return result + lora.to(result.dtype)
-        # DoRA: m * (W + sBA) x / ||W + sBA||  =  base(x) + (m/n - 1) W x + (m/n) sBA x   (bias unchanged)
+            return self.add_update(result, h)
+        # DoRA: m (W + sBA) x / ||W + sBA|| + b  =  (m / n) (Wx + s BAx) + b: one GEMM-fused add, one addcmul
         scale = (self.lora_magnitude / self.weight_norm()).to(result.dtype)
-        if isinstance(self.dropout, nn.Identity):
-            base = result if self.base_layer.bias is None else result - self.base_layer.bias
-        else:
-            base = F.linear(self.dropout(x), self.base_weight().to(x.dtype))
+        bias = self.base_layer.bias
+        update = self.add_update(result if bias is None else result - bias, h)
+        return update * scale if bias is None else torch.addcmul(bias.to(result.dtype), update, scale)
+
+    def _dora_with_dropout(self, x: Tensor, result: Tensor) -> Tensor:
+        """DoRA when dropout is on: the base term needs ``W @ dropout(x)``, one more matmul (as in peft)."""
+        dx = self.dropout(x)
+        lora = F.linear(F.linear(dx.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scaling
+        scale = (self.lora_magnitude / self.weight_norm()).to(result.dtype)
+        base = F.linear(dx, self.base_weight().to(x.dtype))
         return result + (scale - 1) * base + scale * lora.to(result.dtype)
 
     # ---- merge / unmerge -------------------------------------------------------------------------------------

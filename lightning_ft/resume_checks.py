@@ -28,12 +28,20 @@ module that shards itself in ``configure_model``) or meta tensors contribute the
 value at a fixed global position lives on one rank, and reading it on every rank would need a collective inside a
 hook that ranks need not run in lockstep. ``name_or_path`` is shown, never compared (a moved folder is the same
 model).
+
+Quantised bases (``QuantizeBase``): the callback takes the fingerprint right before it quantises and the method
+callbacks record that one (``surgery_fingerprint``), so a checkpoint names the full-precision base: NF4's rounding
+would let two bases that differ by less than a quantisation step pass as one. A base quantised by the module's own
+code (``quantize_base`` in ``configure_model``) is sampled through its de-quantised values. The quantisation settings
+are checked by ``QuantizeBase`` itself; a checkpoint trained over a quantised base and resumed without the callback
+gets a warning here (its tensors fit either way).
 """
 
 from __future__ import annotations
 
 import ast
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -42,6 +50,8 @@ from torch import nn
 
 #: module attribute: the base fingerprint taken when the method was applied
 FINGERPRINT_ATTR = "_lightning_ft_base_fingerprint"
+#: module attribute: the fingerprint QuantizeBase took right before it quantised the base (see ``surgery_fingerprint``)
+UNQUANTIZED_FINGERPRINT_ATTR = "_lightning_ft_unquantized_fingerprint"
 #: module attribute: {checkpoint key: check(checkpoint)} registered by the callbacks of the current stage
 REGISTRY_ATTR = "_lightning_ft_checkpoint_checks"
 #: module attribute while the checks' on_load_checkpoint calls the module's own: id of the checkpoint checked
@@ -143,12 +153,22 @@ def _identity(module: nn.Module) -> tuple[str | None, str | None]:
     return None, None
 
 
+def _plain_values(p: torch.Tensor) -> torch.Tensor:
+    """The values of a tensor subclass that stores them packed (torchao's NF4 / int8 weights), else ``p``."""
+    if type(p) in (torch.Tensor, nn.Parameter):
+        return p
+    for unpack in ("get_original_weight", "dequantize"):  # NF4Tensor, Int8Tensor
+        if callable(getattr(p, unpack, None)):
+            return getattr(p, unpack)()
+    return p
+
+
 def _samples(p: torch.Tensor, k: int) -> list[float] | None:
     """``k`` values at evenly spread positions of the flattened tensor (midpoints of k equal parts)."""
     if p.is_meta or _is_dtensor(p) or p.numel() == 0:
         return None
     try:
-        flat = p.detach().reshape(-1)
+        flat = _plain_values(p.detach()).reshape(-1)
         n = flat.numel()
         k = min(k, n)
         idx = torch.tensor([(2 * i + 1) * n // (2 * k) for i in range(k)], device=flat.device)
@@ -172,6 +192,15 @@ def base_fingerprint(
         if values is not None:
             samples[n] = values
     return {"version": 1, "class": model_class, "name": name, "parameters": params, "samples": samples}
+
+
+def surgery_fingerprint(module: nn.Module) -> dict[str, Any]:
+    """The fingerprint a method records for ``module``'s base: the one ``QuantizeBase`` took before it quantised
+    the base (full-precision values: NF4's rounding would hide small differences between two bases), else
+    ``base_fingerprint(module)`` (a base quantised by the module's own code is sampled through its de-quantised
+    values)."""
+    before = module.__dict__.get(UNQUANTIZED_FINGERPRINT_ATTR)
+    return before if before is not None else base_fingerprint(module)
 
 
 def drop_samples(fingerprint: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
@@ -295,6 +324,14 @@ def check_before_load(module: nn.Module, checkpoint: Mapping[str, Any]) -> None:
     for key, entry in checkpoint.items():
         callback = entry_callback(key, entry) if isinstance(key, str) and key.startswith("lightning_ft_") else None
         if callback is None or key in checks:
+            continue
+        if callback == "QuantizeBase":  # the tensors fit either way; the base values the adapters see do not
+            warnings.warn(
+                f"the checkpoint was trained over a quantised base ({entry.get('constructor') or callback}); this "
+                "run has no QuantizeBase callback, so its adapters continue over the full-precision base. Add "
+                "the QuantizeBase callback (LoRAModule: quantize_base=...) to resume as it was trained.",
+                stacklevel=2,
+            )
             continue
         adapter_only = bool(entry.get("adapter_only", key != "lightning_ft_low_rank"))
         problem = _does_not_fit(module, checkpoint, entry, adapter_only)

@@ -165,7 +165,9 @@ def test_sparse_setting_change_is_refused(tmp_path, tokenizer, sparse_ckpt, sett
 def test_checkpoint_of_an_earlier_version_loads_with_a_warning(tmp_path, tokenizer, lora_ckpt):
     ckpt = torch.load(lora_ckpt, weights_only=True)
     cb = LoRA(r=4, alpha=16, target_modules=TARGETS)
-    ckpt["lightning_ft_lora"] = {"adapter_only": True, "config": repr(cb.lora_kwargs)}  # what earlier versions wrote
+    # what earlier versions wrote (they had no speed-only settings)
+    earlier = {k: v for k, v in cb.lora_kwargs.items() if k not in ("fuse", "compile")}
+    ckpt["lightning_ft_lora"] = {"adapter_only": True, "config": repr(earlier)}
     old = str(tmp_path / "old.ckpt")
     torch.save(ckpt, old)
     with pytest.warns(UserWarning, match="earlier lightning-ft and records no base model"):

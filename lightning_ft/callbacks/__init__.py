@@ -4,6 +4,7 @@ from lightning_ft.callbacks.compress import LowRankCompression
 from lightning_ft.callbacks.lora import LoRA
 from lightning_ft.callbacks.merge import MergeAdapters
 from lightning_ft.callbacks.prediction_writer import PredictionWriter
+from lightning_ft.callbacks.quantize import QuantizeBase
 from lightning_ft.callbacks.sparse import SparseMask
 from lightning_ft.callbacks.throughput import TokenThroughput
 from lightning_ft.callbacks.token_loss import TokenMeanLoss
@@ -13,6 +14,7 @@ __all__ = [
     "LowRankCompression",
     "MergeAdapters",
     "PredictionWriter",
+    "QuantizeBase",
     "SparseMask",
     "TokenMeanLoss",
     "TokenThroughput",

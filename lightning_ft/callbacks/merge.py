@@ -14,6 +14,10 @@ writable. An existing folder is replaced only when it is empty or holds exactly 
 (a merged / compressed model for ``merged_dir``, an adapter or sparse delta for ``adapter_dir``), unless
 ``overwrite=True``, which replaces it whole (once the new folder is completely written).
 
+A quantised base (``QuantizeBase``) is de-quantised to float32 first, the adapters are folded in in float32, and each
+merged layer is cast back to the dtype its weight had before quantisation: the merged folder is a full-precision
+model, whose logits differ from the quantised model with adapters only by that final cast (see the README).
+
 A sharded model (FSDP2, ``DTensor`` parameters) is gathered instead: every rank takes part in gathering the full
 state dict, global rank 0 alone receives it (on the CPU), folds the adapters into it and writes both folders. The
 sharded module keeps its adapters, unmerged, so evaluation after ``fit`` runs on the adapters (the same function).
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -46,6 +51,7 @@ from lightning_ft.io import (
 from lightning_ft.lora import lora_layers, merge_lora, merged_state_dict
 from lightning_ft.lora.peft_format import save_peft_adapter
 from lightning_ft.modeling import find_hf_model
+from lightning_ft.quant import dequantize_base, is_quantized, quantized_layers
 from lightning_ft.sparse import merge_sparse, save_sparse_delta, sparse_layers
 from lightning_ft.sparse.inject import has_sparse_state
 from lightning_ft.strategies.sharding import full_state_dict, is_sharded
@@ -155,10 +161,25 @@ def export_lora(module: nn.Module, hf_model: nn.Module, request: ExportRequest) 
         return None
     if sharded:
         return merged_state_dict(hf_model, state) if request.write else None
-    merge_lora(module)
+    merge_lora_dequantized(module)
     if sparse_layers(module):
         merge_sparse(module)
     return None
+
+
+def merge_lora_dequantized(module: nn.Module) -> None:
+    """``merge_lora(module)``; a quantised base is first de-quantised to float32 and each of its layers cast back to
+    its original dtype after the merge (merging into the quantised weights would round the merged weight to 4 / 8
+    bits again)."""
+    if not is_quantized(module):
+        merge_lora(module)
+        return
+    layers = quantized_layers(module)
+    dtypes = {name.removesuffix(".base_layer"): layer.original_dtype for name, layer in layers.items()}
+    dequantize_base(module, torch.float32)
+    merge_lora(module)
+    for name, dtype in dtypes.items():
+        module.get_submodule(name).to(dtype)
 
 
 def export_sparse(module: nn.Module, hf_model: nn.Module, request: ExportRequest) -> None:

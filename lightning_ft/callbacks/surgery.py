@@ -57,7 +57,6 @@ from typing_extensions import override
 from lightning_ft._compat import get_strict_loading, set_strict_loading
 from lightning_ft.resume_checks import (
     FINGERPRINT_ATTR,
-    base_fingerprint,
     compare_configs,
     compare_fingerprints,
     constructor_call,
@@ -66,6 +65,7 @@ from lightning_ft.resume_checks import (
     read_config,
     register_check,
     saved_shapes,
+    surgery_fingerprint,
     unregister_check,
 )
 from lightning_ft.strategies.checkpoint_io import check_checkpoints
@@ -151,7 +151,8 @@ class ModelSurgery(L.Callback):
             self._unpatch()
             pl_module.configure_model()  # the module's own (or a previously set instance attribute)
             fresh = not self.is_applied(pl_module)
-            fingerprint = base_fingerprint(pl_module) if fresh else None  # before injection: the base weights
+            # before injection (the base weights; before QuantizeBase quantised them, when it did)
+            fingerprint = surgery_fingerprint(pl_module) if fresh else None
             self.inject_into(trainer, pl_module)
             if fingerprint is not None and self.is_applied(pl_module):
                 # values of the tensors the checkpoint carries itself (a fresh head, ...) need not match

@@ -104,8 +104,9 @@ class LoRALinear(nn.Module):
 
     # ---- weights ---------------------------------------------------------------------------------------------
     def base_weight(self) -> Tensor:
-        """The base weight as (out_features, in_features)."""
-        w = self.base_layer.weight
+        """The base weight as (out_features, in_features) (de-quantised for a quantised base layer)."""
+        layer = self.base_layer
+        w = layer.dequantized_weight() if hasattr(layer, "dequantized_weight") else layer.weight
         return w.T if self.fan_in_fan_out else w
 
     def delta_weight(self) -> Tensor:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+import lightning as L
 from torch import nn
 from typing_extensions import override
 
 from lightning_ft.callbacks.lora import LoRA
+from lightning_ft.callbacks.quantize import QuantizeBase
 from lightning_ft.lora.config import LoRAConfig
 from lightning_ft.method_config import config_from_kwargs, takes_config
 from lightning_ft.modules.adapter import AdapterModule
@@ -28,6 +30,9 @@ class LoRAModule(AdapterModule):
     ``MergeAdapters``). ``allow_config_change``: resume a checkpoint written with other settings or on another base
     model (a warning instead of an error; see ``LoRA``). Other arguments are ``FineTuneModule``'s (LoRA's default
     learning rate is higher than full fine-tuning's).
+    ``quantize_base``: ``"nf4"`` / ``"int8"`` stores the frozen base's linear weights quantised before the adapters
+    are injected (QLoRA: the ``QuantizeBase`` callback with its defaults; needs ``pip install 'lightning-ft[quant]'``);
+    the merged model is written in full precision.
     """
 
     @takes_config(LoRAConfig)
@@ -43,6 +48,7 @@ class LoRAModule(AdapterModule):
         overwrite: bool = False,
         allow_config_change: bool = False,
         learning_rate: float = 2e-4,
+        quantize_base: Literal["nf4", "int8"] | None = None,
         *,
         config: LoRAConfig | None = None,
         **kwargs: Any,
@@ -60,11 +66,21 @@ class LoRAModule(AdapterModule):
             adapter_dir=adapter_dir,
             overwrite=overwrite,
             allow_config_change=allow_config_change,
+            quantize_base=quantize_base,
         )
 
     @override
     def method_callback(self) -> LoRA:
         return LoRA(config=self.config, allow_config_change=self.hparams.get("allow_config_change", False))
+
+    @override
+    def configure_callbacks(self) -> list[L.Callback]:
+        callbacks = super().configure_callbacks()
+        dtype = self.hparams.get("quantize_base")
+        if dtype is None:
+            return callbacks
+        quantize = QuantizeBase(dtype=dtype, allow_config_change=self.hparams.get("allow_config_change", False))
+        return [quantize, *callbacks]  # before LoRA (QuantizeBase also goes underneath it in either order)
 
     @override
     def optimizer_param_groups(self) -> list[dict[str, Any]]:

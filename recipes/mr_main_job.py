@@ -3,23 +3,34 @@
     python recipes/mr_main_job.py [--config recipes/smollm2_mr_lora.yaml] [any lightning-ft override ...]
 
 With an instruction recipe (rows with ``choices``, e.g. the default LoRA recipe for SmolLM2) it also:
-  * tests the base model first (zero-shot accuracy, by comparing the likelihood of the answers);
+  * tests the base model first (zero-shot accuracy, by comparing the likelihood of the answers) on a fixed subset:
+    the first ``--zero-shot-examples`` rows of the test file (default 256; the file's order is a seeded shuffle,
+    stratified by label), with a 95 % Wilson confidence interval; ``0`` skips it, ``-1`` uses every row. The tuned
+    model is always tested on the whole test set;
   * after ``fit`` (where ``MergeAdapters`` writes the peft adapter and the merged model), tests the merged model;
   * reloads the merged folder with plain ``transformers`` and checks that it gives the same answer scores as the
     in-memory model on the first ``--reload-check-examples`` test rows (default 64).
 With a classification recipe (``recipes/minilm_mr_sft.yaml``) it tests the best checkpoint by validation accuracy.
+
+The training budget is the recipe's ``trainer.max_steps``; its ``trainer.max_time`` is a guard that ends ``fit``
+early on a machine much slower than the one the recipe was sized on (``summary.json`` then says so:
+``stopped_early``). The summary records each phase's wall time and the load average, since a shared machine
+slows every phase alike.
 
 Writes ``<default_root_dir>/summary.json`` and ``loss_curve.png`` next to the CSV logs and the confusion matrix.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 import time
 from itertools import islice
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from lightning_ft.callbacks import MergeAdapters, TokenThroughput
 from lightning_ft.cli import make_cli
@@ -36,6 +47,22 @@ def pop_option(argv: list[str], name: str, default: int) -> tuple[list[str], int
         return argv, default
     i = argv.index(name)
     return argv[:i] + argv[i + 2 :], int(argv[i + 1])
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion ``accuracy`` measured on ``n`` rows."""
+    if n == 0:
+        return (0.0, 1.0)
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def first_rows_loader(loader: DataLoader, n: int) -> DataLoader:
+    """The first ``n`` rows of an evaluation loader's data set, in its batch size and collation (longest first)."""
+    rows = list(loader.dataset)[:n]
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    return DataLoader(rows, batch_size=loader.batch_size, sampler=order, collate_fn=loader.collate_fn)
 
 
 def choice_scores(model: torch.nn.Module, batches) -> torch.Tensor:
@@ -63,7 +90,9 @@ def reload_check(merged_dir: Path, model: torch.nn.Module, data, examples: int) 
 
 def main(argv: list[str]) -> dict:
     start = time.perf_counter()
+    load_start = os.getloadavg()
     argv, reload_examples = pop_option(list(argv), "--reload-check-examples", 64)
+    argv, zero_shot_examples = pop_option(argv, "--zero-shot-examples", 256)
     if "--config" not in argv and "-c" not in argv:
         argv = ["--config", DEFAULT_CONFIG, *argv]
     cli = make_cli(argv, run=False)
@@ -71,28 +100,42 @@ def main(argv: list[str]) -> dict:
     data.setup("test")
     scored = "choice_ids" in data.splits["test"].examples[0]
 
-    zero_shot = trainer.test(model, datamodule=data)[0] if scored else None
+    phases = {"setup": time.perf_counter() - start}
+    zero_shot, zero_shot_rows = None, 0
+    if scored and zero_shot_examples != 0:
+        loader = data.test_dataloader()
+        zero_shot_rows = len(loader.dataset) if zero_shot_examples < 0 else min(zero_shot_examples, len(loader.dataset))
+        zero_shot = trainer.test(model, dataloaders=first_rows_loader(loader, zero_shot_rows))[0]
+    phases["zero_shot_test"] = time.perf_counter() - start - sum(phases.values())
     fit_start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     fit_time = time.perf_counter() - fit_start
+    phases["fit"] = fit_time
     # the module's own callbacks (configure_callbacks) are in trainer.callbacks only once a run has started
     merge = next((c for c in trainer.callbacks if isinstance(c, MergeAdapters)), None)
     # after MergeAdapters the module holds the merged model, which adapter-only checkpoints no longer fit
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback is not None else ""
     ckpt = "best" if best and merge is None else None
     test = trainer.test(model, datamodule=data, ckpt_path=ckpt)[0]
+    phases["test"] = time.perf_counter() - start - sum(phases.values())
     reload = None
     if scored and merge is not None and merge.merged_dir is not None and trainer.is_global_zero:
         reload = reload_check(merge.merged_dir, model.model, data, reload_examples)
     wall = time.perf_counter() - start
+    phases["reload_check"] = wall - sum(phases.values())
 
     throughput = next((c for c in trainer.callbacks if isinstance(c, TokenThroughput)), None)
     acc_key = "test/choice_acc" if scored else "test/acc"
     test_labels = [e.get("choice_label", e.get("label")) for e in data.splits["test"].examples]
+    zero_shot_acc = zero_shot.get(acc_key) if zero_shot else None
     summary = {
         "recipe": argv[argv.index("--config") + 1] if "--config" in argv else None,
-        "zero_shot_test_accuracy": zero_shot.get(acc_key) if zero_shot else None,
+        "zero_shot_test_accuracy": zero_shot_acc,
+        "zero_shot_examples": zero_shot_rows,
+        "zero_shot_ci95": wilson_interval(zero_shot_acc, zero_shot_rows) if zero_shot else None,
+        "test_examples": len(test_labels),
         "test_accuracy": test.get(acc_key),
+        "test_ci95": wilson_interval(test[acc_key], len(test_labels)) if acc_key in test else None,
         "test_f1": test.get(acc_key.replace("acc", "f1")),
         "majority_class_accuracy": majority_baseline([y for y in test_labels if y is not None and y != -100]),
         "wall_time_s": round(wall, 1),
@@ -100,6 +143,12 @@ def main(argv: list[str]) -> dict:
         "train_tokens_per_s": round(throughput.tokens_per_second, 1) if throughput else None,
         "train_tokens": throughput.tokens if throughput else None,
         "steps": trainer.global_step,
+        "max_steps": trainer.max_steps,
+        "stopped_early": trainer.max_steps > 0 and trainer.global_step < trainer.max_steps,
+        "phase_s": {k: round(v, 1) for k, v in phases.items()},
+        "load_average": {"start": load_start, "end": os.getloadavg()},
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "tested_checkpoint": best if ckpt else "in-memory model at the end of fit" + (" (merged)" if merge else ""),
         "adapter_dir": str(merge.adapter_dir) if merge and merge.adapter_dir else None,
         "merged_dir": str(merge.merged_dir) if merge and merge.merged_dir else None,
@@ -121,8 +170,17 @@ def main(argv: list[str]) -> dict:
 def print_summary(summary: dict, out: Path) -> None:
     print("\n==== lightning-ft main job ====")
     if summary["zero_shot_test_accuracy"] is not None:
-        print(f"zero-shot test accuracy   {summary['zero_shot_test_accuracy']:.4f}  (base model, answer likelihood)")
-    print(f"test accuracy             {summary['test_accuracy']:.4f}  (after fine-tuning)")
+        lo, hi = summary["zero_shot_ci95"]
+        print(
+            f"zero-shot test accuracy   {summary['zero_shot_test_accuracy']:.4f}  (base model, answer likelihood; "
+            f"first {summary['zero_shot_examples']} test rows, 95 % CI {lo:.3f}-{hi:.3f})"
+        )
+    rows = summary["test_examples"]
+    lo, hi = summary["test_ci95"] or (float("nan"), float("nan"))
+    print(
+        f"test accuracy             {summary['test_accuracy']:.4f}  (after fine-tuning, all {rows} test rows, "
+        f"95 % CI {lo:.3f}-{hi:.3f})"
+    )
     print(f"majority class            {summary['majority_class_accuracy']:.4f}")
     print(f"test macro-F1             {summary['test_f1']:.4f}")
     if summary["reload_check"]:
@@ -136,7 +194,14 @@ def print_summary(summary: dict, out: Path) -> None:
             print(f"{key:<25} {summary[key]}")
     print(
         f"wall time                 {summary['wall_time_s']:.0f} s (everything in this script; fit "
-        f"{summary['fit_time_s']:.0f} s)"
+        f"{summary['fit_time_s']:.0f} s, {summary['steps']} steps"
+        + (f", stopped by trainer.max_time before {summary['max_steps']}" if summary["stopped_early"] else "")
+        + ")"
+    )
+    print("phases (s)                " + ", ".join(f"{k} {v:.0f}" for k, v in summary["phase_s"].items()))
+    print(
+        f"load average (1 min)      {summary['load_average']['start'][0]:.1f} at start, "
+        f"{summary['load_average']['end'][0]:.1f} at end ({summary['cpus']} CPUs)"
     )
     if summary["train_tokens_per_s"]:
         print(f"training tokens/s         {summary['train_tokens_per_s']:.0f}")

@@ -1,0 +1,72 @@
+"""benchmarks/bench_quality.py: the summary arithmetic, and the whole pipeline in ``--quick`` mode (not its numbers)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import require_mr, require_packaged
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def fake(method: str, seed: int, acc: float) -> tuple[dict, dict]:
+    cfg = {"name": f"{method} {seed}", "model": "minilm", "method": method, "label": method, "lr": 1e-3, "steps": 5}
+    cfg.update(batch_size=8, seed=seed)
+    run = {"acc": acc, "f1": acc - 0.01, "fit_s": 10.0 + seed, "final_train_loss": 0.5, "step_s": [1.0, 2.0 + seed]}
+    return cfg, run | {"trainable_params": 100, "test_examples": 32}
+
+
+def test_summary_pairs_seeds_with_full_fine_tuning() -> None:
+    from bench_quality import summarise
+
+    accs = {"full": [0.80, 0.70, 0.75], "lora": [0.79, 0.72, 0.70]}
+    configs, runs = [], {}
+    for seed in range(3):  # seeds outermost, as the benchmark orders them
+        for method, values in accs.items():
+            cfg, run = fake(method, seed, values[seed])
+            configs.append(cfg)
+            runs[cfg["name"]] = [run]
+    rows = {r["method"]: r for r in summarise(configs, runs)["minilm"]}
+    lora = rows["lora"]
+    assert lora["acc"] == accs["lora"] and lora["seeds"] == [0, 1, 2]
+    assert lora["acc_mean"] == pytest.approx(statistics.mean(accs["lora"]))
+    assert lora["acc_sd"] == pytest.approx(statistics.stdev(accs["lora"]))
+    diffs = [100 * (a - b) for a, b in zip(accs["lora"], accs["full"])]  # paired by seed, not mean minus mean
+    assert lora["vs_full_points_mean"] == pytest.approx(statistics.mean(diffs))
+    assert lora["vs_full_points_sd"] == pytest.approx(statistics.stdev(diffs))
+    assert rows["full"]["vs_full_points_mean"] == 0.0
+    assert lora["step_s_median"] == 1.5 and lora["fit_s_median"] == 11.0  # steps pooled over seeds: 1,1,1,2,3,4
+
+
+def test_one_seed_has_no_spread() -> None:
+    from bench_quality import summarise
+
+    cfg, run = fake("lora", 0, 0.6)
+    row = summarise([cfg], {cfg["name"]: [run]})["minilm"][0]
+    assert row["acc_sd"] is None and row["vs_full_points_mean"] is None  # no full fine-tuning run to pair with
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_quick_mode_runs_the_pipeline(tmp_path: Path) -> None:
+    require_packaged("all-minilm-l6-v2")
+    require_mr()
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), "--quick", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    payload = json.loads((tmp_path / "quality.json").read_text())
+    rows = payload["summary"]["minilm"]
+    assert [r["method"] for r in rows] == ["full", "lora", "sparse", "compressed-lora"]
+    for r in rows:
+        assert r["seeds"] == [0] and r["steps"] == 3 and r["test_examples"] == 32
+        assert 0.0 <= r["acc_mean"] <= 1.0 and 0.0 <= r["f1_mean"] <= 1.0
+    trainable = {r["method"]: r["trainable_params"] for r in rows}
+    assert trainable["lora"] < trainable["full"] / 20  # adapters (+ head) only
+    assert (tmp_path / "quality.md").read_text().count("| MiniLM-L6 |") == 4
+    assert (tmp_path / "quality.png").stat().st_size > 0

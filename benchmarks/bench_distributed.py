@@ -37,7 +37,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import BATCH_SHAPES, RESULT_PREFIX, ROOT, machine, mr_datamodule, peak_rss_mb, write_results
+from harness import (
+    BATCH_SHAPES,
+    RESULT_PREFIX,
+    ROOT,
+    current_rss_mb,
+    machine,
+    mr_datamodule,
+    peak_rss_mb,
+    write_results,
+)
 
 MODEL = BATCH_SHAPES["smollm2"]["model"]
 MB = 2**20
@@ -234,14 +243,7 @@ def rank_worker(cfg: dict, args: argparse.Namespace) -> None:
     L.seed_everything(0, verbose=False)
     devices = int(os.environ["LOCAL_WORLD_SIZE"])
     model = cfg["model"]
-    data = mr_datamodule(
-        model,
-        "instruction",
-        max_length=cfg["max_length"],
-        batch_size=cfg["batch_size"],
-        packing=True,
-        max_train_examples=CPU_ROWS,
-    )
+    data = instruction_data(model, cfg)
     if cfg["method"] == "lora":
         module = LoRAModule(model, **LORA)
     else:
@@ -251,7 +253,8 @@ def rank_worker(cfg: dict, args: argparse.Namespace) -> None:
         strategy = AdapterDDPStrategy(measure_communication=True, timeout=args.collective_timeout)
         comm = strategy.comm_counter
     else:
-        strategy = AdapterFSDP2Strategy(timeout=args.collective_timeout)
+        sharded = cfg.get("sharded_loading", False)
+        strategy = AdapterFSDP2Strategy(timeout=args.collective_timeout, sharded_loading=sharded)
         collectives = CollectiveCounter()
     probe = probe_class()(args.warmup, comm, collectives)
     trainer = L.Trainer(
@@ -267,16 +270,32 @@ def rank_worker(cfg: dict, args: argparse.Namespace) -> None:
         callbacks=[probe],
         default_root_dir=args.result_dir,
     )
+    before_fit = current_rss_mb()  # libraries imported, no model yet
     trainer.fit(module, data)
     rec = {
+        "before_fit_rss_mb": before_fit,
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "threads": torch.get_num_threads(),
         "collectives_counted": collectives.installed if collectives else None,
+        "load_report": getattr(strategy, "load_report", None),  # sharded loading: what this rank read
         **probe.rec,
     }
     out = Path(args.result_dir) / f"rank{trainer.global_rank}.json"
     out.write_text(json.dumps(rec))
+
+
+def instruction_data(model: str, cfg: dict):
+    """Packed instruction batches of ``cfg["batch_size"]`` x ``cfg["max_length"]``: MR's training split, or the rows
+    of ``cfg["train_file"]`` (a JSONL file) when given; the first ``cfg["max_train_examples"]`` rows (default
+    ``CPU_ROWS``; ``None``: all)."""
+    rows = cfg.get("max_train_examples", CPU_ROWS)  # None: the whole split
+    kwargs = dict(max_length=cfg["max_length"], batch_size=cfg["batch_size"], packing=True, max_train_examples=rows)
+    if cfg.get("train_file"):
+        from lightning_ft import FineTuneDataModule
+
+        return FineTuneDataModule(model, task="instruction", train=cfg["train_file"], **kwargs)
+    return mr_datamodule(model, "instruction", **kwargs)
 
 
 def free_port() -> int:

@@ -52,17 +52,27 @@ def worker_main(run: Callable[[dict, argparse.Namespace], dict], args: argparse.
     print(RESULT_PREFIX + json.dumps(run(json.loads(args.worker), args)), flush=True)
 
 
+def run_worker(script: str, cfg: dict, extra_args: list[str]) -> tuple[dict | None, str | None]:
+    """Run ``script --worker <cfg>`` once in a fresh process: ``(its result, None)``, or ``(None, what went wrong)``
+    (the exit status, a signal such as the out-of-memory killer's SIGKILL, and the end of its stderr)."""
+    cmd = [sys.executable, script, "--worker", json.dumps(cfg), *extra_args]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    line = next((x for x in out.stdout.splitlines() if x.startswith(RESULT_PREFIX)), None)
+    if line is not None:
+        return json.loads(line[len(RESULT_PREFIX) :]), None
+    status = f"killed by signal {-out.returncode}" if out.returncode < 0 else f"exit status {out.returncode}"
+    return None, f"{status}:\n{out.stderr[-3000:]}"
+
+
 def run_interleaved(script: str, configs: list[dict], repeats: int, extra_args: list[str]) -> dict[str, list[dict]]:
     """Run ``script --worker <config>`` for every configuration, ``repeats`` times, interleaved."""
     runs: dict[str, list[dict]] = {c["name"]: [] for c in configs}
     for r in range(repeats):
         for cfg in configs:
-            cmd = [sys.executable, script, "--worker", json.dumps(cfg), *extra_args]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            line = next((x for x in out.stdout.splitlines() if x.startswith(RESULT_PREFIX)), None)
-            if line is None:
-                sys.exit(f"{cfg['name']} failed:\n{out.stderr[-3000:]}")
-            runs[cfg["name"]].append(json.loads(line[len(RESULT_PREFIX) :]))
+            result, error = run_worker(script, cfg, extra_args)
+            if error is not None:
+                sys.exit(f"{cfg['name']} failed, {error}")
+            runs[cfg["name"]].append(result)
             print(f"repeat {r + 1}/{repeats} {cfg['name']}: {summarise(runs[cfg['name']][-1])}", flush=True)
     return runs
 
@@ -132,3 +142,14 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float | None:
+    """This process's resident set size now (VmRSS), in MB; None where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

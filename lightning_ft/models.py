@@ -305,6 +305,12 @@ def load_model(
     decoder models need it for batches larger than one); pass ``pad_token_id=`` to choose it yourself. Further
     keyword arguments go to ``from_pretrained``. ``model.name_or_path`` is :func:`public_name` (what exports record
     as the base model). A damaged ``*.safetensors`` file in a local model folder is named in the error.
+
+    Under a meta default device (``with torch.device("meta")``, as ``AdapterFSDP2Strategy(sharded_loading=True)``
+    runs ``configure_model``) the model is built without weights: its parameters stay on the meta device and record
+    the safetensors file and key they load from, and each rank later reads only its shards
+    (``lightning_ft.strategies.meta_load``). That needs a local folder (a packaged model or GGUF file reads its
+    converted cache folder); further keyword arguments then go to the config.
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
@@ -315,14 +321,17 @@ def load_model(
     _check_weight_files(resolved, path)
     common = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, cache_dir=cache_dir, **kwargs)
 
-    if task == "causal_lm":
-        model = AutoModelForCausalLM.from_pretrained(path, **common)
-    else:
-        label_kwargs: dict[str, Any] = {"num_labels": n}
+    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    label_kwargs: dict[str, Any] = {}
+    if task == "classification":
+        label_kwargs["num_labels"] = n
         if labels is not None:
             label_kwargs["id2label"] = {i: str(label) for i, label in enumerate(labels)}
             label_kwargs["label2id"] = {str(label): i for i, label in enumerate(labels)}
-        model = AutoModelForSequenceClassification.from_pretrained(path, **label_kwargs, **common)
+    if torch.get_default_device().type == "meta":
+        model = _empty_model(auto, name_or_path, path, {**label_kwargs, **common})
+    else:
+        model = auto.from_pretrained(path, **label_kwargs, **common)
 
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = _default_pad_id(path, model, trust_remote_code, cache_dir)
@@ -331,6 +340,32 @@ def load_model(
         generation_config.pad_token_id = model.config.pad_token_id
     model.config.name_or_path = model.name_or_path = public_name(name_or_path)
     return model
+
+
+def _empty_model(auto: Any, name_or_path: str, path: str, kwargs: dict[str, Any]) -> PreTrainedModel:
+    """The model of ``path`` without weights (meta device), each parameter tagged with the safetensors file and key
+    it loads from (``lightning_ft.strategies.meta_load``): what ``AdapterFSDP2Strategy(sharded_loading=True)`` loads
+    shard by shard after sharding."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from lightning_ft.strategies.meta_load import tag_weight_sources
+
+    if not Path(path).is_dir():
+        raise ValueError(
+            f"sharded loading reads the weight files of a local model folder, and {name_or_path!r} is a hub id: "
+            "download it first (e.g. `hf download <id> --local-dir DIR`) and pass the folder"
+        )
+    dtype, trust = kwargs.pop("dtype"), kwargs.pop("trust_remote_code")
+    kwargs.pop("cache_dir", None)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust, **kwargs)
+    with _no_init_weights(), torch.device("meta"):
+        model = auto.from_config(config, dtype=dtype, trust_remote_code=trust)
+    model.tie_weights()  # skipped under no_init_weights
+    if getattr(model, "generation_config", None) is not None and (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    with torch.device("cpu"):  # buffers and missing heads are made for real
+        tag_weight_sources(model, path)
+    return model.eval()
 
 
 def _check_weight_files(resolved: ResolvedModel, path: str) -> None:

@@ -13,6 +13,10 @@ Modes under torchrun (2 processes, 2 rows each per step):
   every 3 steps; validates the fitted (still sharded) module; resumes from the mid-epoch step-3 checkpoint into
   ``<out>/resumed``; then tries a copy of that checkpoint that claims another world size. ``report.json`` records
   the checkpoint's files and keys, the validation loss and the error.
+- ``fsdp2_meta``: ``AdapterFSDP2Strategy`` for 5 steps without and with ``sharded_loading`` (into ``<out>/plain`` and
+  ``<out>/meta``), every rank recording its per-step losses and every tensor it reads from the weight files (through
+  a subclass of the loader's ``SafetensorsRows``) into ``<out>/rank<r>.json``; then a module given its model as an
+  object, which sharded loading must refuse.
 - ``fail``: rank ``--fail_rank`` raises at step 2 (the run must end on every rank). With ``--devices 2`` and no
   torchrun, Lightning's own launcher starts the second process.
 """
@@ -46,6 +50,29 @@ class FailAt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             raise RuntimeError(f"planned failure on rank {self.rank} at step {self.step}")
+
+
+class LossLog(L.Callback):
+    """Each training step's loss on this rank (the micro-batch's summed loss, before the token-mean rescaling)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def recording_reader(base: type) -> type:
+    """A subclass of ``meta_load.SafetensorsRows`` that logs every read: ``(key, shape read, full shape)``."""
+
+    class RecordingReader(base):
+        reads: list[tuple[str, list[int], list[int]]] = []
+
+        def read_rows(self, key, start, stop, out) -> None:
+            super().read_rows(key, start, stop, out)
+            self.reads.append((key, [stop - start, *self.shape(key)[1:]], self.shape(key)))
+
+    return RecordingReader
 
 
 class TrainableBytes(L.Callback):
@@ -139,7 +166,7 @@ def claim_world_size(src: Path, dst: Path, world_size: int, trainer: L.Trainer) 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["ddp", "fsdp2", "fail"], required=True)
+    parser.add_argument("--mode", choices=["ddp", "fsdp2", "fsdp2_meta", "fail"], required=True)
     parser.add_argument("--pretrained", required=True)
     parser.add_argument("--rows", required=True)
     parser.add_argument("--out", type=Path, required=True)
@@ -173,6 +200,8 @@ def main(argv: list[str]) -> None:
             ckpt_path=str(ckpt),
             **common,
         )
+    elif args.mode == "fsdp2_meta":
+        trainer = fsdp2_meta(args.out, common)
     else:
         strategy = AdapterFSDP2Strategy(activation_checkpointing=True, timeout=TIMEOUT_S)
         trainer = fit(out=args.out, strategy=strategy, max_steps=10, checkpoint_every=3, **common)
@@ -191,6 +220,41 @@ def main(argv: list[str]) -> None:
             report["resume_error"] = str(err)
     if trainer.is_global_zero:
         (args.out / "report.json").write_text(json.dumps(report))
+
+
+def fsdp2_meta(out: Path, common: dict) -> L.Trainer:
+    """The ``fsdp2_meta`` mode (see the module docstring)."""
+    import lightning_ft.strategies.meta_load as meta_load
+
+    rank = int(os.environ.get("RANK", 0))
+    record: dict = {}
+    for name, sharded in (("plain", False), ("meta", True)):
+        log = LossLog()
+        original = meta_load.SafetensorsRows
+        meta_load.SafetensorsRows = reader = recording_reader(original)
+        try:
+            strategy = AdapterFSDP2Strategy(activation_checkpointing=True, timeout=TIMEOUT_S, sharded_loading=sharded)
+            trainer = fit(out=out / name, strategy=strategy, callbacks=[log], **common)
+        finally:
+            meta_load.SafetensorsRows = original
+        record[name] = {"losses": log.losses, "reads": reader.reads, "load_report": strategy.load_report}
+    from lightning_ft.models import load_model
+
+    module = LoRAModule(model=load_model(common["pretrained"]), r=4, alpha=8, target_modules=["q_proj"])
+    try:
+        L.Trainer(
+            accelerator="cpu",
+            devices=common["devices"],
+            strategy=AdapterFSDP2Strategy(sharded_loading=True, timeout=TIMEOUT_S),
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+        ).fit(module, FineTuneDataModule(common["pretrained"], task="instruction", train=common["rows"]))
+    except ValueError as err:
+        record["object_error"] = str(err)
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    return trainer
 
 
 if __name__ == "__main__":

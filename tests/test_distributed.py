@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import socket
@@ -174,6 +175,36 @@ def test_fsdp2_matches_single_process_and_resumes_from_a_sharded_checkpoint(tmp_
     # a checkpoint written by another number of processes is refused on every rank before training
     assert "written by 3 processes but this run has 2" in report["resume_error"]
     assert not (out / "refused" / "adapter").exists()
+
+
+def test_fsdp2_sharded_loading_equals_the_plain_fsdp2_run_and_reads_only_each_ranks_rows(tmp_path, assets):
+    """``AdapterFSDP2Strategy(sharded_loading=True)``: the same losses, adapters and merged model as the plain FSDP2
+    run (same seed, unequal-length rows), while each rank reads only slices of the weight files, its own rows."""
+    from safetensors import safe_open
+
+    from lightning_ft.strategies.meta_load import shard_rows
+
+    out = tmp_path / "run"
+    proc = start(torchrun(2, free_port(), *worker_args(assets, out, "fsdp2_meta")), tmp_path / "torchrun.log")
+    assert finish([proc]) == [0], log_text(tmp_path / "torchrun.log")[-3000:]
+    assert_same_exports(out / "plain", out / "meta", atol=1e-6)
+    with safe_open(str(Path(assets["pretrained"]) / "model.safetensors"), framework="pt") as f:
+        shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    for rank in (0, 1):
+        record = json.loads((out / f"rank{rank}.json").read_text())
+        plain, meta = record["plain"]["losses"], record["meta"]["losses"]
+        assert len(plain) == len(meta) == 5 and len(set(plain)) == 5
+        assert meta == pytest.approx(plain, rel=1e-6, abs=1e-6)
+        assert record["plain"]["reads"] == []  # the plain path loads through from_pretrained
+        reads = record["meta"]["reads"]
+        assert sorted(key for key, _, _ in reads) == sorted(shapes)  # every weight once
+        for key, got, full in reads:  # a slice: this rank's rows of dimension 0, never the whole tensor
+            first, stop = shard_rows(full[0], rank, 2)
+            assert full == shapes[key] and got == [stop - first, *full[1:]] and got[0] < full[0], key
+        report = record["meta"]["load_report"]
+        assert report["elements_read"] == sum(got[0] * math.prod(got[1:]) for _, got, _ in reads)
+        assert report["elements_read"] <= report["elements_full"] / 2 + 1e3
+        assert "already built with its weights" in record["object_error"]
 
 
 def cli_config(tmp_path: Path, assets: dict, batch_size: int) -> Path:

@@ -160,7 +160,8 @@ def export_lora(module: nn.Module, hf_model: nn.Module, request: ExportRequest) 
     if request.merged_dir is None:
         return None
     if sharded:
-        return merged_state_dict(hf_model, state) if request.write else None
+        # in place: the gathered base weights go as their merged ones come, so rank 0 holds one full copy, not two
+        return merged_state_dict(hf_model, state, in_place=True) if request.write else None
     merge_lora_dequantized(module)
     if sparse_layers(module):
         merge_sparse(module)

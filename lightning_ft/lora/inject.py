@@ -124,14 +124,18 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def merged_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], in_place: bool = False
+) -> dict[str, torch.Tensor]:
     """What ``merge_lora(model).state_dict()`` would hold, computed from ``state_dict`` without changing ``model``.
 
     ``state_dict`` holds full tensors under ``model.state_dict()``'s keys (e.g. gathered from FSDP shards on one
     rank); ``model`` supplies each adapter's scale and variant. Adapter weights are dropped, each base weight gets its
     adapter folded in (float32 math, cast back to its dtype) and the wrappers' ``.base_layer`` leaves the keys.
+    ``in_place=True`` changes and returns ``state_dict`` itself, so each base weight is freed as soon as its merged
+    weight exists (with the caller's last reference gone, at most one weight is held twice).
     """
-    out = dict(state_dict)
+    out = state_dict if in_place else dict(state_dict)
     for name, layer in lora_layers(model).items():
         if layer.merged:
             raise RuntimeError(f"the adapter of {name} is already merged into its base weight")

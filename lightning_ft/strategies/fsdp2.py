@@ -7,6 +7,11 @@ This strategy shards in ``setup`` instead: after ``configure_model`` and the inj
 and before a checkpoint is restored (``restore_checkpoint_after_setup``). The mesh is one data-parallel dimension
 over every rank (Lightning's default would make the processes of a node a tensor-parallel group).
 
+With ``sharded_loading=True`` no rank holds the whole model at any time: ``tensor_init_context`` runs
+``configure_model`` on the meta device (``load_model`` then records each weight's file and key instead of reading
+it), the adapters' random init is recorded and replayed for real, ``fully_shard`` shards the meta model, and each
+rank reads only its own rows of each weight from the safetensors files (``lightning_ft.strategies.meta_load``).
+
 Checkpoints are sharded ``.distcp`` folders. The ``LoRA`` callback keeps only the adapters in them; Lightning's
 loader asks the checkpoint for every key of the model, so ``load_checkpoint`` here loads the keys the checkpoint
 holds when the module loads non-strictly (the callback checks that they are exactly the trainable ones).
@@ -21,6 +26,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
@@ -29,7 +35,8 @@ from lightning_ft._compat import is_sharded_checkpoint, set_model_parallel_sizes
 from lightning_ft.file_checks import check_checkpoint
 from lightning_ft.resume_checks import check_before_load
 from lightning_ft.strategies.common import AdapterStrategyMixin, as_timeout, check_world_size
-from lightning_ft.strategies.sharding import parallelize
+from lightning_ft.strategies.meta_load import has_meta_tensors, load_shards, materialize_recorded, meta_init
+from lightning_ft.strategies.sharding import is_sharded, parallelize
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -87,6 +94,14 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
         reshard_after_forward: free gathered weights after each block's forward (less memory, one more all-gather).
         save_distributed_checkpoint: ``True`` writes sharded ``.distcp`` folders; ``False`` one full file from rank 0.
         timeout: seconds a rank waits in a collective before failing (``None``: torch's 30 minutes).
+        sharded_loading: build the model on the meta device in ``configure_model`` (``load_model`` there records
+            the weight files instead of reading them), inject the adapters, shard, then let each rank read only its
+            own rows of every weight from the safetensors files: no rank ever holds a full copy of the model.
+            Adapters get the same initial values as without it. Needs a model loaded by ``load_model`` from a
+            local folder, packaged model or GGUF file (``FineTuneModule(model_name_or_path)`` or your module's
+            ``configure_model``); a model passed as an object is refused. See ``lightning_ft.strategies.meta_load``.
+        cpu_offload: FSDP2's ``CPUOffloadPolicy``: sharded parameters, gradients and optimizer state live in host
+            memory and are copied to the GPU block by block (GPU only; on a CPU run everything is in host memory).
     """
 
     def __init__(
@@ -99,6 +114,8 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
         save_distributed_checkpoint: bool = True,
         timeout: float | None = None,
         process_group_backend: str | None = None,
+        sharded_loading: bool = False,
+        cpu_offload: bool = False,
     ) -> None:
         super().__init__(
             data_parallel_size="auto",
@@ -111,6 +128,38 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
         self.activation_checkpointing = activation_checkpointing
         self.mp_policy = mixed_precision_policy(param_dtype, reduce_dtype)
         self.reshard_after_forward = reshard_after_forward
+        self.sharded_loading = sharded_loading
+        self.cpu_offload = cpu_offload
+        self._init_recorder = None
+        self.load_report: dict[str, Any] | None = None  # what this rank read from the weight files
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
+        if not self.sharded_loading:
+            with super().tensor_init_context(empty_init):
+                yield
+            return
+        with self.precision_plugin.tensor_init_context(), meta_init() as recorder:
+            self._init_recorder = recorder
+            yield
+
+    @override
+    def before_launch(self) -> None:
+        super().before_launch()
+        if self.cpu_offload and isinstance(self.accelerator, CPUAccelerator):
+            raise ValueError(
+                "cpu_offload=True moves sharded weights off the GPU, but this run is on the CPU already; "
+                "drop cpu_offload (or run on GPUs)"
+            )
+
+    def offload_policy(self):
+        """FSDP2's ``CPUOffloadPolicy`` when ``cpu_offload``, else ``None``."""
+        if not self.cpu_offload:
+            return None
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        return CPUOffloadPolicy()
 
     @override
     def setup_environment(self) -> None:
@@ -121,6 +170,16 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
     @override
     def setup(self, trainer: L.Trainer) -> None:
         module = self.lightning_module
+        sources = None
+        if self.sharded_loading and not is_sharded(module):
+            if not has_meta_tensors(module):
+                raise ValueError(
+                    "AdapterFSDP2Strategy(sharded_loading=True) found the model already built with its weights (e.g. "
+                    "passed as model=...): every rank holds a full copy. Pass model_name_or_path instead, or build "
+                    "the model in configure_model with lightning_ft.models.load_model; or set sharded_loading=False"
+                )
+            recorder, self._init_recorder = self._init_recorder, None
+            sources = materialize_recorded(module, recorder)  # the adapters, as without sharded loading
         parallelize(
             module,
             self.device_mesh["data_parallel"],
@@ -128,7 +187,10 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
             self.mp_policy,
             self.activation_checkpointing,
             self.reshard_after_forward,
+            self.offload_policy(),
         )
+        if sources is not None:
+            self.load_report = load_shards(module, sources, self.root_device)
         with configure_model_overridden(module):
             super().setup(trainer)
 

@@ -70,13 +70,16 @@ def parallelize(
     mp_policy=None,
     activation_checkpointing: bool = False,
     reshard_after_forward: bool = True,
+    offload_policy=None,
 ) -> nn.Module:
     """Shard ``module`` with FSDP2: ``fully_shard`` each transformer block, then each top-level Hugging Face model
     (or ``module`` itself when it holds none). In place; returns ``module``. A module that is already sharded is
     returned as it is (Lightning sets up the strategy again for ``validate`` / ``test`` after ``fit``).
 
     Call it after adapters are injected and the base is frozen, before the optimizer is built. ``device_mesh`` is a 1-D
-    ``DeviceMesh`` over the data-parallel ranks; ``mp_policy`` a ``torch.distributed.fsdp.MixedPrecisionPolicy``.
+    ``DeviceMesh`` over the data-parallel ranks; ``mp_policy`` a ``torch.distributed.fsdp.MixedPrecisionPolicy``;
+    ``offload_policy`` e.g. ``CPUOffloadPolicy()`` (sharded parameters, gradients and optimizer state in host memory).
+    Parameters still on the meta device stay there (sharded): ``meta_load.load_shards`` fills them afterwards.
     Raises ``ValueError`` when a trainable parameter would stay outside every sharded module (its gradient would
     not be averaged across ranks).
     """
@@ -90,6 +93,8 @@ def parallelize(
         for root in roots:
             enable_activation_checkpointing(root)
     kwargs = {"mesh": device_mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    if offload_policy is not None:
+        kwargs["offload_policy"] = offload_policy
     for block in blocks:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
     for root in roots:

@@ -228,3 +228,47 @@ def test_fingerprint_of_a_quantised_base_reads_its_values():
     assert "model.layers.0.self_attn.q_proj.weight" in fa["samples"]  # sampled, not skipped as exotic storage
     assert compare_fingerprints(fa, base_fingerprint(a)) == []
     assert any("sampled tensors differ" in line for line in compare_fingerprints(fa, fb))
+
+
+@pytest.mark.parametrize("dtype", ["nf4", "int8"])
+def test_the_autograd_graph_keeps_no_dense_copy_of_a_quantised_weight(dtype):
+    """Between forward and backward only the packed weights may be alive: a float copy per layer saved for the
+    backward pass would cost more memory than a float32 base (torchao's int8 ``F.linear`` saves one)."""
+    model = tiny_llama(VOCAB)
+    quantize_base(model, dtype=dtype)
+    inject_lora(model, r=4, alpha=8)
+    shapes = {tuple(m.weight.shape) for m in quantized_layers(model).values()}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    dense = [tuple(t.shape) for t in saved if type(t) is torch.Tensor and tuple(t.shape) in shapes]
+    assert dense == []
+    loss.backward()
+    assert all(layer.lora_B.grad is not None for layer in lora_layers(model).values())
+
+
+def test_quantising_a_memory_mapped_model_lets_its_file_go(tmp_path):
+    """A model loaded from safetensors lives in a memory map of the file; after quantisation the plain tensors are
+    copied out, so the map (and the float weights' resident pages) can be released. Tied weights stay tied."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(VOCAB).save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    path = str((tmp_path / "m" / "model.safetensors").resolve())
+    if path not in open("/proc/self/maps").read():
+        pytest.skip("transformers did not memory-map the weights here")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "proj" not in n}
+    quantize_base(model, dtype="nf4", block_size=32)
+    gc.collect()
+    assert path not in open("/proc/self/maps").read()
+    for name, p in model.named_parameters():
+        if name in before:
+            assert torch.equal(p, before[name]), name

@@ -9,6 +9,8 @@ becomes a ``Conv1D`` again in ``to_dense``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,6 +19,26 @@ from typing_extensions import override
 from lightning_ft.modeling import is_linear, linear_shape, linear_weight
 from lightning_ft.quant.backend import dequantize, storage_bytes, to_int8, to_nf4
 from lightning_ft.quant.config import QuantizeConfig
+
+
+class QuantizedMatmul(torch.autograd.Function):
+    """``x @ dequantize(W).T`` that saves the *quantised* ``W`` for the backward pass and de-quantises it again there.
+
+    torchao's int8 ``F.linear`` override leaves the de-quantised float weight in the autograd graph, so every layer's
+    full-precision weight stays alive until the backward pass (more memory than a float32 base); this keeps only the
+    packed weight. ``W`` never gets a gradient (frozen). Shapes: ``x`` (..., in), ``W`` (out, in), output (..., out).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.weight = weight  # the packed tensor (no copy); not save_for_backward: torchao subclasses are not views
+        return F.linear(x, dequantize(weight).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ dequantize(ctx.weight).to(grad.dtype), None
 
 
 class QuantizedLinear(nn.Linear):
@@ -66,8 +88,7 @@ class QuantizedLinear(nn.Linear):
 
     @override
     def forward(self, x: Tensor) -> Tensor:
-        # the NF4Tensor / Int8Tensor F.linear overrides de-quantise W and give the input its gradient
-        out = F.linear(x, self.weight)
+        out = QuantizedMatmul.apply(x, self.weight)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> nn.Module:

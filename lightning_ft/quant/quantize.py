@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_ft.method_config import config_from_kwargs, takes_config
 from lightning_ft.modeling import is_linear, linear_shape, set_submodule
@@ -84,7 +84,34 @@ def quantize_base(model: nn.Module, config: QuantizeConfig | None = None, **fiel
     _check_layers(model, names, config)
     for name in names:
         set_submodule(model, name, QuantizedLinear.from_linear(model.get_submodule(name), config))
+    own_memory(model)
     return model
+
+
+def own_memory(model: nn.Module) -> None:
+    """Copy the plain (not quantised) parameters and buffers of ``model`` into memory of their own, in place.
+
+    A model loaded from safetensors holds its tensors in a memory map of the file; while any of them lives (the
+    embedding, the norms), every page of the file read so far, the float weights just quantised included, stays
+    resident: on SmolLM2-135M about 300 MB more than the quantised model needs. Shared tensors (tied weights) stay
+    shared.
+    """
+    copies: dict[int, Tensor] = {}
+
+    def copy(t: Tensor) -> Tensor:
+        if id(t) not in copies:
+            copies[id(t)] = t.clone()
+        return copies[id(t)]
+
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module._parameters.values():
+                if p is not None and type(p.data) is Tensor and not p.is_meta and id(p) not in copies:
+                    copies[id(p)] = p
+                    p.data = p.data.clone()
+            for name, b in module._buffers.items():
+                if b is not None and type(b) is Tensor and not b.is_meta:
+                    module._buffers[name] = copy(b)
 
 
 def dequantize_base(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:

@@ -4,6 +4,7 @@ built from, and the ones the test files import, live in ``helpers.py``."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -28,3 +29,12 @@ def plain_tokenizer():
 @pytest.fixture
 def llama(tokenizer):
     return tiny_llama(len(tokenizer))
+
+
+@pytest.fixture(autouse=True)
+def finish_wandb_runs():
+    """A W&B run a test leaves open would be reused by the next test's ``WandbLogger`` (wandb keeps one global run)."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()

@@ -42,9 +42,11 @@ from harness import (
     RESULT_PREFIX,
     ROOT,
     current_rss_mb,
+    failure_lines,
     machine,
     mr_datamodule,
     peak_rss_mb,
+    quiet_trainer,
     write_results,
 )
 
@@ -257,17 +259,11 @@ def rank_worker(cfg: dict, args: argparse.Namespace) -> None:
         strategy = AdapterFSDP2Strategy(timeout=args.collective_timeout, sharded_loading=sharded)
         collectives = CollectiveCounter()
     probe = probe_class()(args.warmup, comm, collectives)
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        args.warmup + args.steps,
+        [probe],
         devices=devices,
         strategy=strategy,
-        max_steps=args.warmup + args.steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        callbacks=[probe],
         default_root_dir=args.result_dir,
     )
     before_fit = current_rss_mb()  # libraries imported, no model yet
@@ -645,17 +641,11 @@ def gpu_worker(cfg: dict, args: argparse.Namespace) -> dict:
                 tokens.append(count_tokens(batch))
                 losses.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
+        args.warmup + args.steps,
+        [Clock()],
         accelerator="cuda" if cuda else "cpu",
-        devices=1,
         strategy=strategy,
-        max_steps=args.warmup + args.steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        callbacks=[Clock()],
         default_root_dir=cfg["workdir"],
     )
     trainer.fit(module, data)
@@ -774,8 +764,7 @@ def gpu_main(args: argparse.Namespace) -> None:
             f"{'-' if mem is None else f'{mem / 2**30:.1f}'} | {100 * r['median_mfu_6n']:.1f}% | "
             f"{100 * r['median_mfu_4n']:.1f}% |"
         )
-    for name, err in errors.items():
-        lines.append(f"\n{name} failed: {err.strip().splitlines()[-1] if err.strip() else '?'}")
+    lines += failure_lines(errors)
     if args.dry_run:
         lines.insert(0, "DRY RUN on the CPU with tiny random models: these figures measure nothing.\n")
     payload = {

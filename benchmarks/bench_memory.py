@@ -41,6 +41,7 @@ from bench_distributed import (
     LORA,
     TINY_LLAMA,
     check_gpu_available,
+    fmt,
     make_tiny_model,
     positive,
     probe_class,
@@ -51,7 +52,9 @@ from harness import (
     RESULT_PREFIX,
     ROOT,
     current_rss_mb,
+    failure_lines,
     machine,
+    quiet_trainer,
     run_worker,
     worker_main,
     write_results,
@@ -98,16 +101,9 @@ def single_worker(cfg: dict, args: argparse.Namespace) -> dict:
     data = instruction_data(cfg["model"], cfg)
     module = build_module(cfg, cfg["model"])
     probe = probe_class()(args.warmup)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=args.warmup + args.steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        callbacks=[probe],
+    trainer = quiet_trainer(
+        args.warmup + args.steps,
+        [probe],
     )
     before_fit = current_rss_mb()
     trainer.fit(module, data)
@@ -188,10 +184,6 @@ def ratios_of(by: dict) -> dict[str, float]:
             if above[1] > 0:
                 out[name.replace("_peak_rss", "_peak_rss_above_floor")] = above[0] / above[1]
     return out
-
-
-def fmt(x: float | None, spec: str = ".0f") -> str:
-    return "-" if x is None else format(x, spec)
 
 
 def markdown(results: list[dict], ratios: dict, header: str) -> list[str]:
@@ -434,16 +426,10 @@ def gpu_worker(cfg: dict, args: argparse.Namespace) -> dict:
                 times.append(time.perf_counter() - seen["start"])
                 tokens.append(count_tokens(batch))
 
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
+        args.warmup + args.steps,
+        [Clock()],
         accelerator="cpu" if dry else "cuda",
-        devices=1,
-        max_steps=args.warmup + args.steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        callbacks=[Clock()],
     )
     trainer.fit(module, data)
     if not times:
@@ -520,8 +506,7 @@ def gpu_main(args: argparse.Namespace) -> None:
             f"{gib(r, 'train_max_memory_allocated')} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
             f"{100 * r['mfu']:.1f}% |"
         )
-    for name, err in errors.items():
-        lines.append(f"\n{name} failed: {err.strip().splitlines()[-1] if err.strip() else '?'}")
+    lines += failure_lines(errors)
     if args.dry_run:
         lines.insert(0, "DRY RUN on the CPU with a tiny random model: these figures measure nothing.\n")
     payload = {"command": command, "machine": machine(), "results": results, "errors": errors, "gpu": gpu}

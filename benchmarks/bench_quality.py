@@ -20,8 +20,8 @@ Part ``curve``: the main job's LoRA (``recipes/smollm2_mr_lora.yaml``: upper blo
 split (a fixed subset; never the test split): choice accuracy and the mean negative log-likelihood of the right
 answer against training minutes. Writes ``quality.curve.{json,md,png}``.
 
-The training and test code is ``bench_sparse.py``'s (``make_module``, ``trainer_for``, ``step_recorder``); this file
-adds seeds, macro-F1, a second task, validation-split runs, the compressed base and the curve.
+The training and test code is ``bench_sparse.py``'s (``make_module``, ``fit_then_test``); this file adds seeds,
+macro-F1, a second task, validation-split runs, the compressed base and the curve.
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ import itertools
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench_sparse import MODELS, make_module, step_recorder, trainer_for
+from bench_sparse import MODELS, fit_then_test, make_module
 from harness import ROOT, machine, peak_rss_mb, run_interleaved, worker_main, write_results
 
 METHODS = ("full", "lora", "sparse", "compressed-lora")
@@ -108,15 +107,7 @@ def methods_worker(cfg: dict) -> dict:
         L.seed_everything(cfg["seed"], verbose=False)  # the adapters start as LoRA's do
     method = "lora" if cfg["method"] == "compressed-lora" else cfg["method"]
     module = make_module(spec, {**cfg, "method": method}, model)
-    recorder = step_recorder()
-    with tempfile.TemporaryDirectory() as root:
-        trainer = trainer_for(cfg["steps"], root, [recorder])
-        start = time.perf_counter()
-        trainer.fit(module, datamodule=dm)
-        fit_s = time.perf_counter() - start
-        start = time.perf_counter()
-        metrics = trainer.test(module, datamodule=dm, verbose=False)[0]
-        test_s = time.perf_counter() - start
+    metrics, recorder, fit_s, test_s = fit_then_test(module, dm, cfg["steps"])
     prefix = "test/choice_" if "test/choice_acc" in metrics else "test/"
     return {
         "acc": float(metrics[prefix + "acc"]),

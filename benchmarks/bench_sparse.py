@@ -219,20 +219,26 @@ def test_metrics(metrics: dict) -> dict:
     return {"acc": float(acc), "loss": float(metrics["test/loss"]) if "test/loss" in metrics else None}
 
 
-def fit_and_test(spec: dict, cfg: dict, dm, model=None) -> tuple[dict, object]:
-    """Train one configuration for ``cfg['steps']`` steps and test it; (results, the trained module)."""
-    from lightning_ft.modules.base import count_parameters
-
-    module = make_module(spec, cfg, model)
+def fit_then_test(module, dm, steps: int) -> tuple[dict, object, float, float]:
+    """Fit ``module`` for ``steps`` steps, then test it: (test metrics, the step recorder, fit s, test s)."""
     recorder = step_recorder()
     with tempfile.TemporaryDirectory() as root:  # the test confusion matrix is written there
-        trainer = trainer_for(cfg["steps"], root, [recorder])
+        trainer = trainer_for(steps, root, [recorder])
         start = time.perf_counter()
         trainer.fit(module, datamodule=dm)
         fit_s = time.perf_counter() - start
         start = time.perf_counter()
         metrics = trainer.test(module, datamodule=dm, verbose=False)[0]
         test_s = time.perf_counter() - start
+    return metrics, recorder, fit_s, test_s
+
+
+def fit_and_test(spec: dict, cfg: dict, dm, model=None) -> tuple[dict, object]:
+    """Train one configuration for ``cfg['steps']`` steps and test it; (results, the trained module)."""
+    from lightning_ft.modules.base import count_parameters
+
+    module = make_module(spec, cfg, model)
+    metrics, recorder, fit_s, test_s = fit_then_test(module, dm, cfg["steps"])
     trainable, total = count_parameters(module)
     tail = recorder.loss[-max(1, len(recorder.loss) // 10) :]
     result = {

@@ -153,3 +153,27 @@ def current_rss_mb() -> float | None:
     except OSError:
         pass
     return None
+
+
+def quiet_trainer(max_steps: int, callbacks: list, **kw):
+    """A Lightning Trainer for a timed run: no logger, progress bar, model summary, checkpoints or validation; one CPU
+    device unless ``kw`` says otherwise (``accelerator``, ``devices``, ``strategy``, ``default_root_dir``, ...)."""
+    import lightning as L
+
+    kw.setdefault("accelerator", "cpu")
+    kw.setdefault("devices", 1)
+    return L.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        **kw,
+    )
+
+
+def failure_lines(errors: dict[str, str]) -> list[str]:
+    """Markdown lines naming each failed configuration with the last line of its error output."""
+    return [f"\n{name} failed: {err.strip().splitlines()[-1] if err.strip() else '?'}" for name, err in errors.items()]

@@ -139,17 +139,17 @@ def read_mr(
     return rows
 
 
-def split_mr(rows: Sequence[Row], seed: int = 0) -> dict[str, list[Row]]:
+def split_mr(rows: Sequence[Row], seed: int = 0, labels: Sequence[str] = LABELS) -> dict[str, list[Row]]:
     """Split ``rows`` 80/10/10 into train/val/test, stratified by label, the same on every machine.
 
-    For each label (in the order of ``LABELS``) its rows are sorted by id and shuffled with one
+    For each label (in the order of ``labels``) its rows are sorted by id and shuffled with one
     ``random.Random(seed)``; the first ``round(0.1 * n)`` go to val, the next ``round(0.1 * n)`` to test,
     the rest to train. Each split is then shuffled with the same generator, so its rows come in a
     mixed-label order. For MR: val and test get 533 positive + 527 negative = 1060 each, train 8485.
     """
     rng = random.Random(seed)
     splits: dict[str, list[Row]] = {name: [] for name in SPLITS}
-    for label in LABELS:
+    for label in labels:
         group = sorted((r for r in rows if r["label"] == label), key=lambda r: r["id"])
         rng.shuffle(group)
         n_val, n_test = round(VAL_FRACTION * len(group)), round(TEST_FRACTION * len(group))

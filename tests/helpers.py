@@ -6,6 +6,10 @@ callbacks. The pytest fixtures built from them live in ``conftest.py``."""
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -76,6 +80,32 @@ def tiny_bert(vocab_size: int, num_labels: int = 2, seed: int = 0):
         num_labels=num_labels,
     )
     return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_qwen2(vocab_size: int, seed: int = 0, intermediate_size: int = 64, max_positions: int = 128):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(vocab_size: int, seed: int = 0, n_positions: int = 128, **config):
+    """A tiny GPT-2 (``Conv1D`` layers, fused ``c_attn``); ``config``: more ``GPT2Config`` fields."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=n_positions, **config)
+    return GPT2LMHeadModel(cfg).eval()
 
 
 def sentiment_rows(n: int = 40) -> list[dict]:
@@ -149,13 +179,14 @@ class LossRecorder(L.Callback):
 
 # ---- shared by the callback tests (LoRA, SparseMask) -------------------------------------------------------------
 def quick_trainer(tmp_path, max_steps=8, **kw) -> L.Trainer:
-    """A quiet CPU Trainer: no logger, no progress bar, no validation or checkpoints unless asked for."""
+    """A quiet CPU Trainer (1 device unless asked): no logger, no progress bar, no validation or checkpoints unless
+    asked for. The multi-process workers pass ``devices`` and ``strategy``."""
     kw.setdefault("limit_val_batches", 0)
     kw.setdefault("enable_checkpointing", False)
+    kw.setdefault("devices", 1)
     return L.Trainer(
         max_steps=max_steps,
         accelerator="cpu",
-        devices=1,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -191,3 +222,39 @@ class LogitsAtFitEnd(L.Callback):
     def on_fit_end(self, trainer, pl_module):
         self.adapted = [n for n, m in pl_module.named_modules() if hasattr(m, "base_layer")]
         self.logits = eval_logits(pl_module.model, self.batch)
+
+
+# ---- multi-process runs (torchrun over gloo, one thread per process) ---------------------------------------------
+TESTS = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, port: int, *args: str, nnodes: int = 1, node_rank: int = 0) -> list[str]:
+    """The command line of ``python -m torch.distributed.run`` on this machine; ``args``: the script and its."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        f"--node_rank={node_rank}",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        *args,
+    ]
+
+
+def worker_env(**env: str) -> dict[str, str]:
+    """The environment of a worker process: one thread, ``tests/`` importable (``from helpers import ...``)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS), **env}
+
+
+def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``tests/<script>`` under torchrun with ``nproc`` processes from the repository root; output captured."""
+    cmd = torchrun(nproc, free_port(), str(TESTS / script), *args)
+    return subprocess.run(cmd, env=worker_env(), cwd=TESTS.parent, capture_output=True, text=True, timeout=timeout)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+from helpers import quick_trainer
 
 from lightning_ft import FineTuneDataModule, LoRAModule
 from lightning_ft.quant import quantized_layers
@@ -65,18 +66,12 @@ def fit(
     data = FineTuneDataModule(
         pretrained, task="instruction", train=rows, max_length=64, batch_size=GLOBAL_BATCH // devices
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quick_trainer(
+        out,
+        max_steps,
         devices=devices,
         strategy=strategy,
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        enable_checkpointing=False,
         callbacks=[Report(out / "report.json")],
-        default_root_dir=out,
         deterministic=True,
     )
     trainer.fit(module, data)

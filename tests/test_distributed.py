@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import tiny_bert, tiny_llama, varied_rows
+from helpers import free_port, tiny_bert, tiny_llama, torchrun, varied_rows, worker_env
 from safetensors.torch import load_file
 
 from lightning_ft.lora import inject_lora, merge_lora, merged_state_dict, save_peft_adapter
@@ -38,17 +37,12 @@ TIMEOUT = 240  # seconds for one multi-process run; a hang ends in a failure
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(cmd: list[str], log: Path, **env: str) -> tuple[subprocess.Popen, object]:
     """Start ``cmd`` in its own process group with one thread per process, output to ``log``."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE), **env}
     out = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=out, stderr=subprocess.STDOUT, env=worker_env(**env), cwd=ROOT, start_new_session=True
+    )
     return proc, out
 
 
@@ -65,20 +59,6 @@ def finish(procs: list[tuple[subprocess.Popen, object]], timeout: float = TIMEOU
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
             out.close()
-
-
-def torchrun(nproc: int, port: int, *args: str, nnodes: int = 1, node_rank: int = 0) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nnodes={nnodes}",
-        f"--node_rank={node_rank}",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={port}",
-        *args,
-    ]
 
 
 def worker_args(assets: dict, out: Path, mode: str, *extra: str) -> list[str]:

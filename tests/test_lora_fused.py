@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from helpers import tiny_bert, tiny_llama
+from helpers import tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen2
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -32,32 +32,12 @@ VOCAB = 64
 IDS = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
-def tiny_qwen2(seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-def tiny_gpt2(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-BASES = {"llama": lambda: tiny_llama(VOCAB), "qwen2": tiny_qwen2, "gpt2": tiny_gpt2, "bert": lambda: tiny_bert(VOCAB)}
+BASES = {
+    "llama": lambda: tiny_llama(VOCAB),
+    "qwen2": lambda: tiny_qwen2(VOCAB, intermediate_size=48, max_positions=64),
+    "gpt2": lambda: tiny_gpt2(VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0),
+    "bert": lambda: tiny_bert(VOCAB),
+}
 # mixed ranks inside one fused group (q 2, k 5 / key 5, v default 4; gate 3) and alphas that differ per projection
 RANKS = {"q_proj": 2, "k_proj": 5, "query": 2, "key": 5, "gate_proj": 3, "c_fc": 6, "attn.c_proj": 2}
 ALPHAS = {"v_proj": 3.0, "value": 3.0, "up_proj": 12.0}

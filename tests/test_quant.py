@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import tiny_gpt2, tiny_llama, tiny_qwen2
 from torch import nn
 
 from lightning_ft.lora import inject_lora, lora_layers, merge_lora
@@ -25,31 +25,7 @@ from lightning_ft.resume_checks import base_fingerprint, compare_fingerprints
 VOCAB = 300
 
 
-def tiny_qwen2(seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-def tiny_gpt2(seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128)).eval()
-
-
-BUILDERS = {"llama": lambda: tiny_llama(VOCAB), "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}
+BUILDERS = {"llama": lambda: tiny_llama(VOCAB), "qwen2": lambda: tiny_qwen2(VOCAB), "gpt2": lambda: tiny_gpt2(VOCAB)}
 
 
 def ids(seed: int = 1) -> torch.Tensor:

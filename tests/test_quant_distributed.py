@@ -9,25 +9,13 @@ only one mean over every target token of the step on both ranks matches the sing
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama, varied_rows
+from helpers import run_torchrun, tiny_llama, varied_rows
 from safetensors.torch import load_file
 
-HERE = Path(__file__).resolve().parent
 TIMEOUT = 240
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +33,7 @@ def test_ddp_over_a_quantised_base_matches_one_process(tmp_path, assets, quant):
 
     fit(assets["pretrained"], assets["rows"], tmp_path / "single", quant=quant)
     out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        str(HERE / "quant_worker.py"),
+    args = [
         "--pretrained",
         assets["pretrained"],
         "--rows",
@@ -63,8 +44,7 @@ def test_ddp_over_a_quantised_base_matches_one_process(tmp_path, assets, quant):
         "--quant",
         quant,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    proc = subprocess.run(cmd, env=env, cwd=HERE.parent, capture_output=True, text=True, timeout=TIMEOUT)
+    proc = run_torchrun("quant_worker.py", *args, timeout=TIMEOUT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
     single, ddp = (

@@ -52,6 +52,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_ft._compat import stage_dataloader
+from lightning_ft.callbacks.model_hooks import install_under, uninstall
 from lightning_ft.callbacks.surgery import init_defaults, public_path
 from lightning_ft.compress import compress_low_rank, low_rank_layers, low_rank_spec
 from lightning_ft.compress.calibration import move_to
@@ -73,12 +74,6 @@ from lightning_ft.resume_checks import (
 MARKER = "_lightning_ft_low_rank"  # attribute of the module: the settings it was compressed with
 CHECKPOINT_KEY = "lightning_ft_low_rank"  # checkpoint entry: the rank spec, the settings and the callback
 #: batch keys passed to a Hugging Face model during calibration (labels left out: no loss needed)
-
-
-def _patch_owner(callback: Any, module: L.LightningModule) -> bool:
-    """True when ``callback`` holds a pending configure_model wrapper for ``module`` (``_patched = (module, prev)``)."""
-    patched = getattr(callback, "_patched", None)
-    return isinstance(patched, tuple) and len(patched) >= 2 and patched[0] is module
 
 
 def default_calibration_forward(pl_module: L.LightningModule, batch: Any) -> None:
@@ -136,22 +131,7 @@ class LowRankCompression(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if any(isinstance(cb, LowRankCompression) and cb is not self for cb in trainer.callbacks):
             raise RuntimeError("more than one LowRankCompression callback in the Trainer; compress once")
-        self._unpatch()
-
-        def configure_model() -> None:  # no functools.wraps, as in the LoRA callback
-            self._unpatch()
-            pl_module.configure_model()
-            self.compress_into(trainer, pl_module)
-
-        hosts = [cb for cb in trainer.callbacks if cb is not self and _patch_owner(cb, pl_module)]
-        if hosts:  # e.g. LoRA listed first already wrapped configure_model: go underneath its (innermost) wrapper
-            host = hosts[0]
-            previous = host._patched[1]
-            host._patched = (pl_module, configure_model, *host._patched[2:])
-        else:
-            previous = pl_module.__dict__.get("configure_model")
-            pl_module.configure_model = configure_model
-        self._patched = (pl_module, previous, configure_model, trainer)
+        install_under(self, trainer, pl_module, lambda: self.compress_into(trainer, pl_module))
         self._unregister()
         register_check(pl_module, CHECKPOINT_KEY, self.check_resume)
         self._checking = pl_module
@@ -161,29 +141,14 @@ class LowRankCompression(L.Callback):
             unregister_check(self._checking, CHECKPOINT_KEY)
             self._checking = None
 
-    def _unpatch(self) -> None:
-        """Take the wrapper out of the chain: whoever points at it (the module, another callback) gets its previous."""
-        if self._patched is None:
-            return
-        module, previous, wrapper, trainer = self._patched
-        self._patched = None
-        if module.__dict__.get("configure_model") is wrapper:
-            if previous is None:
-                module.__dict__.pop("configure_model", None)
-            else:
-                module.configure_model = previous
-        for cb in trainer.callbacks:
-            if cb is not self and _patch_owner(cb, module) and cb._patched[1] is wrapper:
-                cb._patched = (module, previous, *cb._patched[2:])
-
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._unpatch()
+        uninstall(self)
         self._unregister()
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._unpatch()
+        uninstall(self)
         self._unregister()
 
     # ---- compression --------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_ft.callbacks.model_hooks import install_under, uninstall
 from lightning_ft.callbacks.surgery import init_defaults, public_path
 from lightning_ft.method_config import check_type, config_from_kwargs, takes_config
 from lightning_ft.quant import QuantizeConfig, is_quantized, quantize_base, quantized_layers, quantized_weight_bytes
@@ -52,11 +53,6 @@ from lightning_ft.resume_checks import (
 
 MARKER = "_lightning_ft_quant"  # attribute of the module: the settings it was quantised with
 CHECKPOINT_KEY = "lightning_ft_quant"
-
-
-def _patch_owner(callback: Any, module: L.LightningModule) -> bool:
-    patched = getattr(callback, "_patched", None)
-    return isinstance(patched, tuple) and len(patched) >= 2 and patched[0] is module
 
 
 def _sharding_strategy(trainer: L.Trainer) -> str | None:
@@ -139,22 +135,7 @@ class QuantizeBase(L.Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.check_trainer(trainer)
-        self._unpatch()
-
-        def configure_model() -> None:  # no functools.wraps, as in the LoRA callback
-            self._unpatch()
-            pl_module.configure_model()
-            self.quantize_into(trainer, pl_module)
-
-        hosts = [cb for cb in trainer.callbacks if cb is not self and _patch_owner(cb, pl_module)]
-        if hosts:  # LoRA listed first already wrapped configure_model: go underneath its wrapper
-            host = hosts[0]
-            previous = host._patched[1]
-            host._patched = (pl_module, configure_model, *host._patched[2:])
-        else:
-            previous = pl_module.__dict__.get("configure_model")
-            pl_module.configure_model = configure_model
-        self._patched = (pl_module, previous, configure_model, trainer)
+        install_under(self, trainer, pl_module, lambda: self.quantize_into(trainer, pl_module))
         self._unregister()
         register_check(pl_module, CHECKPOINT_KEY, self.check_resume)
         self._checking = pl_module
@@ -201,20 +182,6 @@ class QuantizeBase(L.Callback):
                     f"the quantised weight ({why}). Use QuantizeBase(dtype='nf4') for DoRA, or plain LoRA."
                 )
 
-    def _unpatch(self) -> None:
-        if self._patched is None:
-            return
-        module, previous, wrapper, trainer = self._patched
-        self._patched = None
-        if module.__dict__.get("configure_model") is wrapper:
-            if previous is None:
-                module.__dict__.pop("configure_model", None)
-            else:
-                module.configure_model = previous
-        for cb in trainer.callbacks:
-            if cb is not self and _patch_owner(cb, module) and cb._patched[1] is wrapper:
-                cb._patched = (module, previous, *cb._patched[2:])
-
     def _unregister(self) -> None:
         if self._checking is not None:
             unregister_check(self._checking, CHECKPOINT_KEY)
@@ -222,7 +189,7 @@ class QuantizeBase(L.Callback):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._unpatch()
+        uninstall(self)
         self._unregister()
         pl_module.__dict__.pop(UNQUANTIZED_FINGERPRINT_ATTR, None)  # read by LoRA during configure_model only
 

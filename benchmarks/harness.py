@@ -139,8 +139,19 @@ def mr_batches(shape: dict, n: int) -> list[dict]:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set size, in MB: ``VmHWM`` where Linux gives it, else ``ru_maxrss``.
+
+    ``ru_maxrss`` survives ``exec``: a subprocess started by a large parent reports at least the parent's size at the
+    fork (every configuration of bench_lora's RSS phase read 5,135 MB, the benchmark process's own size). ``VmHWM``
+    belongs to the process's memory map, which ``exec`` replaces."""
     import resource
 
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -47,6 +47,7 @@ from harness import (
     mr_datamodule,
     peak_rss_mb,
     quiet_trainer,
+    vm_hwm_mb,
     write_results,
 )
 
@@ -126,17 +127,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def vm_hwm_mb() -> float | None:
-    """Peak RSS since the last ``reset_peak_rss`` (VmHWM), in MB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 class CollectiveCounter:
@@ -228,7 +218,7 @@ def probe_class():
 
         def on_train_end(self, trainer, pl_module) -> None:
             self.rec["train_peak_rss_mb"] = vm_hwm_mb() if self.rec.get("rss_reset") else None
-            # getrusage's peak follows the reset too (the kernel takes it from the same high-water mark)
+            # peak_rss_mb (VmHWM) follows the reset: the setup peak taken before it keeps loading in
             self.rec["peak_rss_mb"] = max(peak_rss_mb(), self.rec["setup_peak_rss_mb"])
 
     return Probe

@@ -11,7 +11,7 @@ take 2 rows per rank), LoRA r=8 alpha=16 on every linear layer (``LoRAModule``, 
 rows), full fine-tuning with ``SFTModule``, AdamW, Lightning ``Trainer``. Every configuration and repeat runs in its
 own process (single-process rows through ``harness.run_interleaved``, 2-process rows as their own
 ``torchrun --nproc_per_node=2`` job through ``bench_distributed.run_torchrun``), so peaks never mix. Per process it
-records the peak RSS over its whole life (``getrusage``: imports, loading, sharding, training), the RSS right before
+records the peak RSS over its whole life (``VmHWM``: imports, loading, sharding, training), the RSS right before
 ``Trainer.fit`` (libraries imported, no model yet: the floor every row pays), the peak in training alone (VmHWM reset
 at the first step) and the median step time; a 2-process row reports its larger rank. Writes
 ``benchmarks/results/memory.{json,md,png}``.

@@ -138,6 +138,17 @@ def mr_batches(shape: dict, n: int) -> list[dict]:
     return list(itertools.islice(dm.train_dataloader(), n))
 
 
+def vm_hwm_mb() -> float | None:
+    """This process's peak RSS (``VmHWM``, Linux; ``/proc/self/clear_refs`` resets it), in MB; None elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size, in MB: ``VmHWM`` where Linux gives it, else ``ru_maxrss``.
 
@@ -146,13 +157,8 @@ def peak_rss_mb() -> float:
     belongs to the process's memory map, which ``exec`` replaces."""
     import resource
 
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    hwm = vm_hwm_mb()
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def current_rss_mb() -> float | None:

@@ -69,6 +69,15 @@ CONFIGS = [
     {"name": "LoRA, fp32 base", "kind": "single", "method": "lora"},
     {"name": "LoRA, int8 base", "kind": "single", "method": "lora", "quantize_base": "int8"},
     {"name": "LoRA, NF4 base", "kind": "single", "method": "lora", "quantize_base": "nf4"},
+    # activations dominate the rows above; with them recomputed, the weights' share (what a quantised base saves) shows
+    {"name": "LoRA, fp32 base, grad. checkpointing", "kind": "single", "method": "lora", "checkpointing": True},
+    {
+        "name": "LoRA, NF4 base, grad. checkpointing",
+        "kind": "single",
+        "method": "lora",
+        "quantize_base": "nf4",
+        "checkpointing": True,
+    },
     {"name": "DDP LoRA, 2 ranks", "kind": "ddp", "method": "lora"},
     {"name": "FSDP2 LoRA, 2 ranks, full load per rank", "kind": "fsdp2", "method": "lora"},
     {"name": "FSDP2 LoRA, 2 ranks, sharded loading", "kind": "fsdp2", "method": "lora", "sharded_loading": True},
@@ -88,7 +97,11 @@ def build_module(cfg: dict, model):
 
     if cfg["method"] == "full":
         return SFTModule(model) if isinstance(model, str) else SFTModule(model=model)
-    kwargs = {**LORA, "quantize_base": cfg.get("quantize_base")}
+    kwargs = {
+        **LORA,
+        "quantize_base": cfg.get("quantize_base"),
+        "gradient_checkpointing": cfg.get("checkpointing", False),
+    }
     return LoRAModule(model, **kwargs) if isinstance(model, str) else LoRAModule(model=model, **kwargs)
 
 
@@ -152,6 +165,16 @@ def ratios_of(by: dict) -> dict[str, float]:
         "int8_vs_fp32_lora_peak_rss": ("LoRA, int8 base", "LoRA, fp32 base", "peak_rss_mb"),
         "nf4_vs_fp32_lora_step": ("LoRA, NF4 base", "LoRA, fp32 base", "step_s"),
         "int8_vs_fp32_lora_step": ("LoRA, int8 base", "LoRA, fp32 base", "step_s"),
+        "nf4_vs_fp32_lora_checkpointed_peak_rss": (
+            "LoRA, NF4 base, grad. checkpointing",
+            "LoRA, fp32 base, grad. checkpointing",
+            "peak_rss_mb",
+        ),
+        "nf4_vs_fp32_lora_checkpointed_step": (
+            "LoRA, NF4 base, grad. checkpointing",
+            "LoRA, fp32 base, grad. checkpointing",
+            "step_s",
+        ),
         "fsdp2_sharded_vs_ddp_peak_rss": ("FSDP2 LoRA, 2 ranks, sharded loading", "DDP LoRA, 2 ranks", "peak_rss_mb"),
         "fsdp2_full_load_vs_ddp_peak_rss": (
             "FSDP2 LoRA, 2 ranks, full load per rank",

@@ -162,7 +162,13 @@ def make_module(spec: dict, cfg: dict, model=None):
     if spec["module_task"] == "causal_lm":
         common["eval_lm_loss"] = False  # only the answers are scored at test (test/choice_acc)
     if cfg["method"] == "lora":
-        return LoRAModule(**common, r=cfg["rank"], alpha=2 * cfg["rank"], target_modules="all-linear")
+        return LoRAModule(
+            **common,
+            r=cfg["rank"],
+            alpha=2 * cfg["rank"],
+            target_modules="all-linear",
+            quantize_base=cfg.get("quantize_base"),
+        )
     if cfg["method"] == "sparse":
         return SparseModule(
             **common,

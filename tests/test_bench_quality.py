@@ -62,11 +62,12 @@ def test_quick_mode_runs_the_pipeline(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     payload = json.loads((tmp_path / "quality.json").read_text())
     rows = payload["summary"]["minilm"]
-    assert [r["method"] for r in rows] == ["full", "lora", "sparse", "compressed-lora"]
+    assert [r["method"] for r in rows] == ["full", "lora", "sparse", "compressed-lora", "nf4-lora"]
     for r in rows:
         assert r["seeds"] == [0] and r["steps"] == 3 and r["test_examples"] == 32
         assert 0.0 <= r["acc_mean"] <= 1.0 and 0.0 <= r["f1_mean"] <= 1.0
     trainable = {r["method"]: r["trainable_params"] for r in rows}
     assert trainable["lora"] < trainable["full"] / 20  # adapters (+ head) only
-    assert (tmp_path / "quality.md").read_text().count("| MiniLM-L6 |") == 4
+    assert trainable["nf4-lora"] == trainable["lora"]  # the same adapters, over a quantised base
+    assert (tmp_path / "quality.md").read_text().count("| MiniLM-L6 |") == 5
     assert (tmp_path / "quality.png").stat().st_size > 0

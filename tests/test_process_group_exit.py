@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from helpers import worker_env
+from helpers import free_port, worker_env
 
 SCRIPT = """
 import atexit, sys
@@ -31,7 +31,7 @@ def test_gloo_process_group_is_destroyed_before_interpreter_exit(tmp_path):
     probe = tmp_path / "initialized_at_exit.txt"
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(probe), str(tmp_path)],
-        env=worker_env(),
+        env=worker_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())),  # not a port an earlier test left
         capture_output=True,
         text=True,
         timeout=120,

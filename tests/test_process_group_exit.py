@@ -1,5 +1,5 @@
 """The lightning-ft strategies shut the process group down at exit for gloo too (Lightning does it for NCCL only):
-a gloo group left to interpreter finalisation aborted about 1 CPU DDP run in 10 after training had finished."""
+a gloo group left to interpreter finalisation aborted 1 CPU DDP run in 5 to 10 after training had finished."""
 
 from __future__ import annotations
 

@@ -342,6 +342,19 @@ def load_model(
     return model
 
 
+def loads_from_safetensors(name_or_path: str) -> bool:
+    """Whether ``load_model(name_or_path)`` reads a local folder of safetensors files, so that it can build the model
+    on the meta device and have its weights read tensor by tensor (a hub id or ``.bin`` weights cannot)."""
+    try:
+        resolved = resolve_model(name_or_path)
+    except (FileNotFoundError, ValueError, ImportError):
+        return False
+    if resolved.gguf_file is not None:
+        return True  # load_model reads its converted (safetensors) cache folder
+    folder = Path(resolved.path_or_id)
+    return folder.is_dir() and any(folder.glob("*.safetensors"))
+
+
 def _empty_model(auto: Any, name_or_path: str, path: str, kwargs: dict[str, Any]) -> PreTrainedModel:
     """The model of ``path`` without weights (meta device), each parameter tagged with the safetensors file and key
     it loads from (``lightning_ft.strategies.meta_load``): what ``AdapterFSDP2Strategy(sharded_loading=True)`` loads

@@ -163,8 +163,9 @@ def _plain_values(p: torch.Tensor) -> torch.Tensor:
     return p
 
 
-def _samples(p: torch.Tensor, k: int) -> list[float] | None:
-    """``k`` values at evenly spread positions of the flattened tensor (midpoints of k equal parts)."""
+def tensor_samples(p: torch.Tensor, k: int = SAMPLES_PER_TENSOR) -> list[float] | None:
+    """``k`` values at evenly spread positions of the flattened tensor (midpoints of k equal parts); ``None`` for a
+    tensor without readable values (meta, sharded, empty)."""
     if p.is_meta or _is_dtensor(p) or p.numel() == 0:
         return None
     try:
@@ -177,18 +178,24 @@ def _samples(p: torch.Tensor, k: int) -> list[float] | None:
         return None
 
 
+def sampled_parameter_names(module: nn.Module, max_tensors: int = MAX_SAMPLED_TENSORS) -> list[str]:
+    """The parameters whose values the fingerprint samples: all, or ``max_tensors`` evenly spread ones."""
+    names = [n for n, _ in module.named_parameters()]
+    if len(names) > max_tensors:
+        names = [names[(2 * i + 1) * len(names) // (2 * max_tensors)] for i in range(max_tensors)]
+    return names
+
+
 def base_fingerprint(
     module: nn.Module, max_tensors: int = MAX_SAMPLED_TENSORS, per_tensor: int = SAMPLES_PER_TENSOR
 ) -> dict[str, Any]:
-    """The fingerprint of ``module``'s weights (see the module docstring): plain data."""
+    """The fingerprint of ``module``'s weights (see the module docstring): plain data. Parameters on the meta device
+    give their shapes only (``lightning_ft.quant.load`` adds their samples as it reads them)."""
     model_class, name = _identity(module)
     params = {n: [int(s) for s in p.shape] for n, p in module.named_parameters()}
-    named = list(module.named_parameters())
-    if len(named) > max_tensors:
-        named = [named[(2 * i + 1) * len(named) // (2 * max_tensors)] for i in range(max_tensors)]
     samples = {}
-    for n, p in named:
-        values = _samples(p, per_tensor)
+    for n in sampled_parameter_names(module, max_tensors):
+        values = tensor_samples(module.get_parameter(n), per_tensor)
         if values is not None:
             samples[n] = values
     return {"version": 1, "class": model_class, "name": name, "parameters": params, "samples": samples}

@@ -12,6 +12,7 @@ See ``lightning_ft.callbacks.surgery`` for why the wrapper (and not ``setup``) d
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import lightning as L
@@ -23,13 +24,21 @@ def patch_owner(callback: Any, module: L.LightningModule) -> bool:
     return isinstance(patched, tuple) and len(patched) >= 2 and patched[0] is module
 
 
-def install_under(callback: Any, trainer: L.Trainer, pl_module: L.LightningModule, then: Callable[[], None]) -> None:
-    """Install the one-shot wrapper: it uninstalls itself, runs the module's ``configure_model``, then ``then()``."""
+def install_under(
+    callback: Any,
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    then: Callable[[], None],
+    around: Callable[[], AbstractContextManager] = nullcontext,
+) -> None:
+    """Install the one-shot wrapper: it uninstalls itself, runs the module's ``configure_model`` inside ``around()``
+    (``QuantizeBase``: on the meta device), then ``then()``."""
     uninstall(callback)
 
     def configure_model() -> None:  # no functools.wraps, as in the LoRA callback
         uninstall(callback)
-        pl_module.configure_model()
+        with around():
+            pl_module.configure_model()
         then()
 
     hosts = [cb for cb in trainer.callbacks if cb is not callback and patch_owner(cb, pl_module)]

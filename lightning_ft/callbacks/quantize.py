@@ -6,6 +6,12 @@ the module's own ``configure_model`` and *underneath* a ``LoRA`` callback's wrap
 Trainer, so the adapters wrap the quantised layers; before the checkpoint is restored, before DDP wraps the module
 and before the optimizer is built (the quantised weights are frozen: they get no gradient and no optimizer state).
 
+Loading. A lightning-ft module that builds its model from a local safetensors folder (``model_name_or_path``, no
+``model=``) runs its ``configure_model`` on the meta device here, and the weights are then read tensor by tensor and
+each targeted layer quantised as soon as its weight is in (``lightning_ft.quant.load``): the float model never exists
+in full, which is what lets a base larger than host memory in float load at all. Any other module (a user's own, or a
+``model=`` passed in) is loaded by its own code and quantised in memory. Both give the same quantised model.
+
 Resume fingerprint. The base fingerprint that ``LoRA`` records in its checkpoints (``lightning_ft.resume_checks``) is
 taken *before* quantisation, from the full-precision weights: the rounding of NF4 would hide small differences
 between two bases, and the same base resumed with or without quantisation is the same model. The quantisation
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import lightning as L
@@ -39,6 +46,7 @@ from lightning_ft.callbacks.surgery import init_defaults, public_path
 from lightning_ft.method_config import check_type, config_from_kwargs, takes_config
 from lightning_ft.quant import QuantizeConfig, is_quantized, quantize_base, quantized_layers, quantized_weight_bytes
 from lightning_ft.quant.backend import torchao_quantization
+from lightning_ft.quant.load import load_quantized
 from lightning_ft.quant.quantize import quantized_parameter_names
 from lightning_ft.resume_checks import (
     UNQUANTIZED_FINGERPRINT_ATTR,
@@ -48,11 +56,22 @@ from lightning_ft.resume_checks import (
     plain,
     read_config,
     register_check,
+    sampled_parameter_names,
+    tensor_samples,
     unregister_check,
 )
+from lightning_ft.strategies.meta_load import has_meta_tensors
 
 MARKER = "_lightning_ft_quant"  # attribute of the module: the settings it was quantised with
 CHECKPOINT_KEY = "lightning_ft_quant"
+
+
+@contextmanager
+def meta_device() -> Iterator[None]:
+    """``configure_model`` under the meta device: ``load_model`` builds the model without weights (see
+    ``QuantizeBase.loads_quantized``)."""
+    with torch.device("meta"):
+        yield
 
 
 def _sharding_strategy(trainer: L.Trainer) -> str | None:
@@ -135,7 +154,8 @@ class QuantizeBase(L.Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.check_trainer(trainer)
-        install_under(self, trainer, pl_module, lambda: self.quantize_into(trainer, pl_module))
+        around = meta_device if self.loads_quantized(pl_module) else nullcontext
+        install_under(self, trainer, pl_module, lambda: self.quantize_into(trainer, pl_module), around)
         self._unregister()
         register_check(pl_module, CHECKPOINT_KEY, self.check_resume)
         self._checking = pl_module
@@ -198,6 +218,20 @@ class QuantizeBase(L.Callback):
         self.teardown(trainer, pl_module, "fit")
 
     # ---- quantisation -------------------------------------------------------------------------------------------
+    @staticmethod
+    def loads_quantized(pl_module: L.LightningModule) -> bool:
+        """Whether the module's ``configure_model`` will build the model (a lightning-ft module without one yet,
+        from a local safetensors folder): it then runs on the meta device and ``quantize_into`` reads the weights
+        tensor by tensor, quantising as it goes, so the float model never exists in full."""
+        from lightning_ft.models import loads_from_safetensors
+        from lightning_ft.modules.base import FineTuneModule
+
+        return (
+            isinstance(pl_module, FineTuneModule)
+            and pl_module.model is None
+            and loads_from_safetensors(pl_module.model_name_or_path)
+        )
+
     def quantize_into(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Quantise the module (or keep what these settings quantised before)."""
         marker = getattr(pl_module, MARKER, None)
@@ -209,9 +243,19 @@ class QuantizeBase(L.Callback):
             )
         if marker == self.settings and trainer.state.fn != "fit":
             return  # MergeAdapters de-quantised and merged it: evaluate the merged model in full precision
-        pl_module.__dict__[UNQUANTIZED_FINGERPRINT_ATTR] = base_fingerprint(pl_module)
+        fingerprint = base_fingerprint(pl_module)  # shapes only for parameters still on the meta device
         dense = sum(p.numel() * p.element_size() for p in pl_module.parameters())
-        quantize_base(pl_module, config=self.config)
+        if has_meta_tensors(pl_module):  # built on the meta device (loads_quantized): read and quantise in one pass
+            torchao_quantization()
+            sample = set(sampled_parameter_names(pl_module)) - set(fingerprint["samples"])
+            report = load_quantized(pl_module, self.config, sample=sample, sampler=tensor_samples)
+            fingerprint["samples"].update({k: v for k, v in report["samples"].items() if v is not None})
+            fingerprint["samples"] = {
+                n: fingerprint["samples"][n] for n in fingerprint["parameters"] if n in fingerprint["samples"]
+            }
+        else:
+            quantize_base(pl_module, config=self.config)
+        pl_module.__dict__[UNQUANTIZED_FINGERPRINT_ATTR] = fingerprint
         setattr(pl_module, MARKER, self.settings)
         ddp_ignore_quantized(pl_module)
         layers = quantized_layers(pl_module)

@@ -30,16 +30,17 @@ def quantized_parameter_names(model: nn.Module) -> list[str]:
     return [f"{name}.weight" if name else "weight" for name in quantized_layers(model)]
 
 
-def _check_layers(model: nn.Module, names: list[str], config: QuantizeConfig) -> None:
-    """Refuse, before changing anything, a targeted layer that is not linear, sits on the meta device or whose
-    weight NF4's blocks do not tile."""
+def check_layers(model: nn.Module, names: list[str], config: QuantizeConfig, loaded: bool = True) -> None:
+    """Refuse, before changing anything, a targeted layer that is not linear, sits on the meta device (when the
+    model should be ``loaded``; ``lightning_ft.quant.load`` fills a meta model itself) or whose weight NF4's blocks
+    do not tile."""
     wrong = [f"{n} ({type(model.get_submodule(n)).__name__})" for n in names if not is_linear(model.get_submodule(n))]
     if wrong:
         raise TypeError(
             f"quantize_base quantises nn.Linear and transformers' Conv1D layers only; target_modules selects "
             f"{wrong[:3]}. Narrow target_modules or add them to exclude_modules."
         )
-    meta = [n for n in names if model.get_submodule(n).weight.is_meta]
+    meta = [n for n in names if model.get_submodule(n).weight.is_meta] if loaded else []
     if meta:
         raise ValueError(
             f"{len(meta)} targeted weights are on the meta device (e.g. {meta[0]}): load the weights before "
@@ -81,7 +82,7 @@ def quantize_base(model: nn.Module, config: QuantizeConfig | None = None, **fiel
             "values again would add a second rounding)"
         )
     names = select_modules(model, config.target_modules, config.exclude_modules)
-    _check_layers(model, names, config)
+    check_layers(model, names, config)
     for name in names:
         set_submodule(model, name, QuantizedLinear.from_linear(model.get_submodule(name), config))
     own_memory(model)

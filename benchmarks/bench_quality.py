@@ -42,7 +42,7 @@ METHODS = ("full", "lora", "sparse", "compressed-lora", "nf4-lora")
 TITLES = {
     "full": "full fine-tuning",
     "lora": "LoRA r={r} all-linear",
-    "sparse": "sparse delta {criterion} (r={r} equiv.)",
+    "sparse": "sparse delta {criterion} (r={sparse_r} equiv.{allocation})",
     "compressed-lora": "LoRA r={r} on ASVD-compressed base ({ratio:g} of linear params)",
     "nf4-lora": "LoRA r={r} all-linear over an NF4 base",
 }
@@ -242,7 +242,10 @@ def run_configs(configs: list[dict], jobs: int) -> dict[str, list[dict]]:
 
 # ---- configurations -----------------------------------------------------------------------------------------------
 def method_label(method: str, args) -> str:
-    return TITLES[method].format(r=args.rank, criterion=args.sparse_criterion, ratio=args.param_ratio)
+    sparse_r = args.sparse_rank or args.rank
+    return TITLES[method].format(
+        r=args.rank, sparse_r=sparse_r, criterion=args.sparse_criterion, ratio=args.param_ratio
+    )
 
 
 def method_configs(args) -> list[dict]:
@@ -270,7 +273,8 @@ def method_configs(args) -> list[dict]:
                         "method": method,
                         "label": method_label(method, args),
                         "criterion": args.sparse_criterion,
-                        "rank": args.rank,
+                        "allocation": args.sparse_allocation,
+                        "rank": (args.sparse_rank or args.rank) if method == "sparse" else args.rank,
                         "lr": lrs[method][model],
                         "weight_decay": 0.01 if method == "full" else 0.0,
                         "warmup_ratio": 0.1,
@@ -286,6 +290,26 @@ def method_configs(args) -> list[dict]:
                     }
                 )
     return configs
+
+
+def equal_time_configs(configs: list[dict], summary: dict) -> list[dict]:
+    """The non-full configurations again, each with as many steps as fit in full fine-tuning's median fit time.
+
+    A method's fit time is its steps times its median step plus a fixed part (data set-up, the sparse selection's
+    calibration, the first step's lazy optimizer set-up), measured per method in the equal-steps runs, so a method
+    whose set-up is costly gets fewer steps: ``steps = (budget - fixed) / step``.
+    """
+    out = []
+    for c in configs:
+        rows = summary[c["model"]]
+        full = next((r for r in rows if r["method"] == "full"), None)
+        row = next(r for r in rows if r["method"] == c["method"])
+        if c["method"] == "full" or full is None or row["step_s_median"] is None:
+            continue
+        fixed = statistics.median(f - row["steps"] * row["step_s_median"] for f in row["fit_s"])
+        steps = max(1, int((full["fit_s_median"] - fixed) / row["step_s_median"]))
+        out.append({**c, "name": c["name"] + " (equal time)", "steps": steps, "budget_s": full["fit_s_median"]})
+    return out
 
 
 def curve_configs(args) -> list[dict]:
@@ -355,9 +379,9 @@ def pct(x: float | None, sd: float | None = None) -> str:
     return f"{100 * x:.2f}" + ("" if sd is None else f" ± {100 * sd:.2f}")
 
 
-def markdown(args, info: dict, command: str, summary: dict, wall_s: float) -> list[str]:
+def markdown(args, info: dict, command: str, summary: dict, wall_s: float, at: str = "equal steps") -> list[str]:
     lines = [
-        f"Quality at equal steps: full fine-tuning vs LoRA vs sparse vs LoRA over a compressed base, seeds "
+        f"Quality at {at}: full fine-tuning vs LoRA vs sparse vs LoRA over a compressed base, seeds "
         f"{args.seeds} ({info['cpus']} CPUs, torch {info['torch']}, {args.jobs} run(s) at once, torch threads "
         f"{args.threads or info['torch_threads']}). Command: `{command}`",
         "",
@@ -415,11 +439,11 @@ def plot(summary: dict, out_png: Path, what: str) -> None:
         for i, r in enumerate(rows):
             ax.bar(i, 100 * r["acc_mean"], color=colors[r["method"]], yerr=100 * (r["acc_sd"] or 0), capsize=4)
             ax.scatter([i] * len(r["acc"]), [100 * a for a in r["acc"]], color="black", s=10, zorder=3)
-        ax.set_xticks(range(len(rows)), [r["method"] for r in rows], fontsize=8)
+        ax.set_xticks(range(len(rows)), [f"{r['method']}\n{r['steps']} steps" for r in rows], fontsize=8)
         low = min(100 * a for r in rows for a in r["acc"])
         ax.set_ylim(max(0, low - 5), min(100, max(100 * a for r in rows for a in r["acc"]) + 3))
         ax.set_ylabel(f"{what} accuracy (%): mean, sd, seeds")
-        ax.set_title(f"{MODELS[model]['title']}, {rows[0]['steps']} steps x {rows[0]['batch_size']}", fontsize=9)
+        ax.set_title(f"{MODELS[model]['title']}, batch {rows[0]['batch_size']}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     save_with_atomic(out_png, lambda p: fig.savefig(p, format="png", dpi=100))
@@ -475,13 +499,15 @@ def plot_curve(payload: dict, out_png: Path) -> None:
 # ---- main ---------------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=["methods", "curve"], default=["methods"])
+    parser.add_argument("--parts", nargs="+", choices=["methods", "time", "curve"], default=["methods"])
     parser.add_argument("--quick", action="store_true", help="MiniLM, one seed, 3 steps, 32 test rows: the pipeline")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["minilm"])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank = sparse lora_equivalent_rank")
+    parser.add_argument("--sparse-rank", type=int, default=None, help="sparse lora_equivalent_rank (default: --rank)")
     parser.add_argument("--sparse-criterion", default="gradient", choices=["random", "magnitude", "gradient", "fisher"])
+    parser.add_argument("--sparse-allocation", default="per_matrix", choices=["per_matrix", "global"])
     parser.add_argument("--calibration-batches", type=int, default=8, help="sparse masks and ASVD")
     parser.add_argument("--param-ratio", type=float, default=0.5, help="compressed-lora: share of linear params kept")
     # MiniLM learning rates chosen on the MR *validation* split (60 steps x 32, seeds 0 1; README "Quality"):
@@ -546,6 +572,20 @@ def main(argv: list[str] | None = None) -> None:
         write_results(args.out, "quality", payload, lines)
         plot(summary, Path(args.out) / "quality.png", f"{args.task} {args.eval_split}")
         print("\n".join(lines))
+        if "time" in args.parts:
+            start = time.perf_counter()
+            timed = equal_time_configs(configs, summary)
+            full_configs = [c for c in configs if c["method"] == "full"]
+            timed_runs = {**runs, **run_configs(timed, args.jobs)}
+            timed_summary = summarise(full_configs + timed, timed_runs)
+            wall = time.perf_counter() - start
+            budgets = {MODELS[m]["title"]: round(rows[0]["fit_s_median"]) for m, rows in timed_summary.items()}
+            at = f"equal wall time (each method's steps fit full fine-tuning's median fit time, s: {budgets})"
+            payload = {**payload, "summary": timed_summary, "configs": full_configs + timed, "runs": timed_runs}
+            lines = markdown(args, info, command, timed_summary, wall, at)
+            write_results(args.out, "quality.time", payload, lines)
+            plot(timed_summary, Path(args.out) / "quality.time.png", f"{args.task} {args.eval_split}, equal time")
+            print("\n".join(lines))
     if "curve" in args.parts:
         configs = curve_configs(args)
         runs = run_configs(configs, args.jobs)

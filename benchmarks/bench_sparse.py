@@ -174,6 +174,7 @@ def make_module(spec: dict, cfg: dict, model=None):
             **common,
             lora_equivalent_rank=cfg["rank"],
             criterion=cfg["criterion"],
+            allocation=cfg.get("allocation", "per_matrix"),
             mode="delta",
             target_modules="all-linear",
             calibration_batches=cfg["calibration_batches"],

@@ -52,6 +52,23 @@ def test_one_seed_has_no_spread() -> None:
     assert row["acc_sd"] is None and row["vs_full_points_mean"] is None  # no full fine-tuning run to pair with
 
 
+def test_equal_time_gives_each_method_full_fine_tunings_fit_time() -> None:
+    from bench_quality import equal_time_configs, summarise
+
+    configs, runs = [], {}
+    for seed in range(3):
+        for method, fit_s, step_s in (("full", 20.0 + seed, [2.0]), ("lora", 7.0, [1.0, 1.0]), ("sparse", 9.5, [0.5])):
+            cfg, run = fake(method, seed, 0.7)
+            configs.append(cfg)
+            runs[cfg["name"]] = [run | {"fit_s": fit_s, "step_s": step_s}]
+    timed = {c["method"]: c for c in equal_time_configs(configs, summarise(configs, runs)) if c["seed"] == 0}
+    assert set(timed) == {"lora", "sparse"}  # full fine-tuning is the budget, not re-run
+    # budget 21 s (median of 20, 21, 22); lora: fixed part 7 - 5 x 1 = 2 s -> (21 - 2) / 1 = 19 steps;
+    # sparse: fixed part 9.5 - 5 x 0.5 = 7 s (a costly selection) -> (21 - 7) / 0.5 = 28 steps
+    assert timed["lora"]["steps"] == 19 and timed["sparse"]["steps"] == 28
+    assert timed["lora"]["budget_s"] == 21.0 and timed["lora"]["name"].endswith("(equal time)")
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_quick_mode_runs_the_pipeline(tmp_path: Path) -> None:
@@ -71,3 +88,18 @@ def test_quick_mode_runs_the_pipeline(tmp_path: Path) -> None:
     assert trainable["nf4-lora"] == trainable["lora"]  # the same adapters, over a quantised base
     assert (tmp_path / "quality.md").read_text().count("| MiniLM-L6 |") == 5
     assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_quick_mode_at_equal_time(tmp_path: Path) -> None:
+    require_packaged("all-minilm-l6-v2")
+    require_mr()
+    script = str(ROOT / "benchmarks" / "bench_quality.py")
+    cmd = [sys.executable, script, "--quick", "--methods", "full", "lora", "--parts", "methods", "time"]
+    out = subprocess.run([*cmd, "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    payload = json.loads((tmp_path / "quality.time.json").read_text())
+    rows = {r["method"]: r for r in payload["summary"]["minilm"]}
+    assert set(rows) == {"full", "lora"} and rows["full"]["steps"] == 3 and rows["lora"]["steps"] >= 1
+    assert "equal wall time" in (tmp_path / "quality.time.md").read_text()

@@ -243,8 +243,9 @@ def run_configs(configs: list[dict], jobs: int) -> dict[str, list[dict]]:
 # ---- configurations -----------------------------------------------------------------------------------------------
 def method_label(method: str, args) -> str:
     sparse_r = args.sparse_rank or args.rank
+    allocation = ", global" if args.sparse_allocation == "global" else ""
     return TITLES[method].format(
-        r=args.rank, sparse_r=sparse_r, criterion=args.sparse_criterion, ratio=args.param_ratio
+        r=args.rank, sparse_r=sparse_r, criterion=args.sparse_criterion, ratio=args.param_ratio, allocation=allocation
     )
 
 

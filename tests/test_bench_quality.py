@@ -103,3 +103,12 @@ def test_quick_mode_at_equal_time(tmp_path: Path) -> None:
     rows = {r["method"]: r for r in payload["summary"]["minilm"]}
     assert set(rows) == {"full", "lora"} and rows["full"]["steps"] == 3 and rows["lora"]["steps"] >= 1
     assert "equal wall time" in (tmp_path / "quality.time.md").read_text()
+
+
+def test_method_labels_name_the_sparse_settings() -> None:
+    from bench_quality import METHODS, method_label, parse_args
+
+    labels = {m: method_label(m, parse_args([])) for m in METHODS}
+    assert labels["lora"] == "LoRA r=8 all-linear" and labels["sparse"] == "sparse delta gradient (r=8 equiv.)"
+    args = parse_args(["--sparse-rank", "16", "--sparse-allocation", "global", "--sparse-criterion", "magnitude"])
+    assert method_label("sparse", args) == "sparse delta magnitude (r=16 equiv., global)"

@@ -237,7 +237,7 @@ def rank_worker(cfg: dict, args: argparse.Namespace) -> None:
     model = cfg["model"]
     data = instruction_data(model, cfg)
     if cfg["method"] == "lora":
-        module = LoRAModule(model, **LORA)
+        module = LoRAModule(model, **LORA, gradient_checkpointing=cfg.get("checkpointing", False))
     else:
         module = SFTModule(model)
     comm = collectives = None

@@ -81,6 +81,15 @@ CONFIGS = [
     {"name": "DDP LoRA, 2 ranks", "kind": "ddp", "method": "lora"},
     {"name": "FSDP2 LoRA, 2 ranks, full load per rank", "kind": "fsdp2", "method": "lora"},
     {"name": "FSDP2 LoRA, 2 ranks, sharded loading", "kind": "fsdp2", "method": "lora", "sharded_loading": True},
+    # the same pair with activations recomputed: what sharding the weights saves once activations are small
+    {"name": "DDP LoRA, 2 ranks, grad. checkpointing", "kind": "ddp", "method": "lora", "checkpointing": True},
+    {
+        "name": "FSDP2 LoRA, 2 ranks, sharded loading, grad. checkpointing",
+        "kind": "fsdp2",
+        "method": "lora",
+        "sharded_loading": True,
+        "checkpointing": True,
+    },
 ]
 GPU_CONFIGS = [
     {"name": "full FT (bf16)", "method": "full"},
@@ -192,6 +201,11 @@ def ratios_of(by: dict) -> dict[str, float]:
             "setup_peak_rss_mb",
         ),
         "fsdp2_sharded_vs_ddp_step": ("FSDP2 LoRA, 2 ranks, sharded loading", "DDP LoRA, 2 ranks", "step_s"),
+        "fsdp2_sharded_vs_ddp_checkpointed_peak_rss": (
+            "FSDP2 LoRA, 2 ranks, sharded loading, grad. checkpointing",
+            "DDP LoRA, 2 ranks, grad. checkpointing",
+            "peak_rss_mb",
+        ),
     }
     out = {}
     for name, (a, b, key) in pairs.items():

@@ -80,7 +80,7 @@ def load_quantized(
             if name in sample:
                 report["samples"][name] = sampler(value)
             real = nn.Parameter(value, requires_grad=p.requires_grad)
-            for mod, attr in places[id(p)]:
+            for mod, attr in places.pop(id(p)):  # popped: a replaced layer must not stay alive here with its weight
                 mod._parameters[attr] = real
             layer_name = owner_of.get(id(p))
             layer = pending.get(layer_name) if layer_name is not None else None

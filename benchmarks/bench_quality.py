@@ -16,7 +16,7 @@ parameters, then LoRA r), ``nf4-lora`` (LoRA r over the base quantised to NF4, `
 quality target is its distance to ``lora`` at the same seeds).
 Writes ``quality.{json,md,png}`` under ``--out``.
 
-Part ``curve``: the main job's LoRA (``recipes/smollm2_mr_lora.yaml``: upper blocks, batch 16, cosine) for each
+Part ``curve``: the main job's LoRA (``recipes/smollm2_mr_lora.yaml``: every linear layer, batch 16, cosine) for each
 ``--curve-lrs``, validated every ``--curve-every`` steps on the first ``--curve-val-rows`` rows of the MR validation
 split (a fixed subset; never the test split): choice accuracy and the mean negative log-likelihood of the right
 answer against training minutes. Writes ``quality.curve.{json,md,png}``.
@@ -47,7 +47,7 @@ TITLES = {
     "nf4-lora": "LoRA r={r} all-linear over an NF4 base",
 }
 TASK_LABELS = {"mr": ["negative", "positive"], "sms_spam": ["ham", "spam"]}  # written by lightning_ft_examples/
-CURVE_TARGETS = r".*\.layers\.(1[89]|2[0-9])\.(self_attn|mlp)\.\w+_proj"  # as recipes/smollm2_mr_lora.yaml
+CURVE_TARGETS = "all-linear"  # as recipes/smollm2_mr_lora.yaml
 
 
 # ---- workers (in a subprocess each) ------------------------------------------------------------------------------
@@ -453,7 +453,7 @@ def plot(summary: dict, out_png: Path, what: str) -> None:
 
 def curve_outputs(args, info: dict, command: str, configs: list[dict], runs: dict) -> tuple[dict, list[str]]:
     curves = {c["name"]: {"config": c, "points": runs[c["name"]][0]["points"]} for c in configs}
-    targets = "blocks 18-29" if args.curve_targets == CURVE_TARGETS else f"`{args.curve_targets}`"
+    targets = f"`{args.curve_targets}`"
     lines = [
         f"SmolLM2-135M LoRA as in `recipes/smollm2_mr_lora.yaml` (r=16, alpha=32, batch 16, cosine, 5 % warm-up; "
         f"targets {targets}), validated on the first {args.curve_val_rows} rows of the MR validation split every "
@@ -524,12 +524,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smollm2-steps", type=int, default=40)
     parser.add_argument("--smollm2-batch-size", type=int, default=8)
     parser.add_argument("--smollm2-test-examples", type=int, default=None, help="default: all 1060")
-    parser.add_argument("--curve-lrs", type=float, nargs="+", default=[1e-3, 2e-3])
+    parser.add_argument("--curve-lrs", type=float, nargs="+", default=[2e-3])
     parser.add_argument("--curve-loraplus", type=float, default=None)
     parser.add_argument("--curve-targets", default=CURVE_TARGETS, help="LoRA target_modules (default: the main job's)")
-    parser.add_argument("--curve-steps", type=int, default=120)
-    parser.add_argument("--curve-every", type=int, default=40)
-    parser.add_argument("--curve-val-rows", type=int, default=256)
+    parser.add_argument("--curve-steps", type=int, default=300)
+    parser.add_argument("--curve-every", type=int, default=100)
+    parser.add_argument("--curve-val-rows", type=int, default=1060, help="the first N validation rows (MR has 1060)")
     parser.add_argument("--curve-zero-shot", action="store_true", help="also validate the base model (step 0)")
     parser.add_argument("--task", choices=list(TASK_LABELS), default="mr", help="data/<task>/ (prepared)")
     parser.add_argument("--eval-split", choices=["test", "val"], default="test", help="val: to choose settings")

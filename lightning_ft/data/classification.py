@@ -132,7 +132,9 @@ class ClassificationFormat:
         pairs = [r[self.text_pair_column] for r in rows] if self.text_pair_column else None
         return texts, pairs
 
-    def _tokenize(self, tokenizer: PreTrainedTokenizerBase, rows: list[dict], max_length: int) -> tuple[list[dict], int]:
+    def _tokenize(
+        self, tokenizer: PreTrainedTokenizerBase, rows: list[dict], max_length: int
+    ) -> tuple[list[dict], int]:
         texts, pairs = self._texts(rows)
         full_lengths = [len(ids) for ids in tokenizer(texts, pairs, truncation=False)["input_ids"]]
         enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)

@@ -37,9 +37,7 @@ class DataFormat(Protocol):
     def encode(self, rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int, split: str) -> EncodedSplit:
         """Tokenise rows for training or evaluation (labels included)."""
 
-    def encode_for_predict(
-        self, rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int
-    ) -> EncodedSplit:
+    def encode_for_predict(self, rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int) -> EncodedSplit:
         """Tokenise rows for prediction (no answer in the input)."""
 
 

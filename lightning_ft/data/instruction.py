@@ -77,7 +77,9 @@ class InstructionFormat:
             msgs.insert(0, {"role": "system", "content": self.system_prompt})
         return msgs
 
-    def tokenize(self, tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+    def tokenize(
+        self, tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool
+    ) -> list[int]:
         if tokenizer.chat_template:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
             return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -178,7 +180,9 @@ class InstructionFormat:
         for idx, row in enumerate(rows):
             ids = self.tokenize(tokenizer, self.messages(row, with_answer=False), add_generation_prompt=True)
             if len(ids) > max_length:
-                raise ValueError(f"predict row {idx}: the prompt has {len(ids)} tokens, more than max_length={max_length}")
+                raise ValueError(
+                    f"predict row {idx}: the prompt has {len(ids)} tokens, more than max_length={max_length}"
+                )
             examples.append({"input_ids": ids})
         return EncodedSplit(examples)
 

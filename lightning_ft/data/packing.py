@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_ft.data.formats import Example
 
@@ -77,8 +77,9 @@ def packing_probe(model: nn.Module, vocab_size: int, seed: int = 0) -> tuple[flo
     model.eval()
     try:
         packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, len(a) :].float()
-        alone = model(input_ids=c[None].to(device), position_ids=torch.arange(len(c))[None].to(device),
-                      use_cache=False).logits
+        alone = model(
+            input_ids=c[None].to(device), position_ids=torch.arange(len(c))[None].to(device), use_cache=False
+        ).logits
     finally:
         model.train(was_training)
     dtype = alone.dtype

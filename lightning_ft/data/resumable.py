@@ -50,7 +50,9 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         now = {"num_examples": len(self.dataset), "batch_size": int(self.batch_size or 0)}
-        if changed := [f"{k}: {state_dict[k]} -> {v}" for k, v in now.items() if k in state_dict and state_dict[k] != v]:
+        if changed := [
+            f"{k}: {state_dict[k]} -> {v}" for k, v in now.items() if k in state_dict and state_dict[k] != v
+        ]:
             raise ValueError(
                 f"the checkpoint was written with other training data ({', '.join(changed)}), so it cannot resume "
                 "with the batches the run would have seen. Resume with the same data, max_train_examples, packing "

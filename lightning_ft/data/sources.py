@@ -7,10 +7,10 @@ import json
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 Rows = list[dict[str, Any]]
-Source = Union[str, Path, Sequence[dict], Any]  # a path, a list of dicts, or a datasets.Dataset
+Source = str | Path | Sequence[dict] | Any  # a path, a list of dicts, or a datasets.Dataset
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -28,7 +28,9 @@ def load_rows(source: Source, name: str = "data") -> Rows:
     elif isinstance(source, Sequence):
         rows = [_as_row(r, f"{name} row {i}") for i, r in enumerate(source)]
     else:
-        raise TypeError(f"{name}: expected a file path, a list of dicts or a datasets.Dataset, got {type(source).__name__}")
+        raise TypeError(
+            f"{name}: expected a file path, a list of dicts or a datasets.Dataset, got {type(source).__name__}"
+        )
     if not rows:
         raise ValueError(f"{name}: the dataset {_describe(source)} is empty; give a source with at least one row")
     return rows

@@ -8,7 +8,8 @@ Modes under torchrun (2 processes, 2 rows each per step):
 - ``ddp``: ``AdapterDDPStrategy`` counting the bytes it all-reduces; rank 0 writes ``<out>/report.json``; then
   sparse fine-tuning (``SparseModule``, magnitude masks) into ``<out>/sparse``; then LoRA again with 1 row per rank
   per micro-batch and ``accumulate_grad_batches=2`` into ``<out>/accumulated`` (checkpoints every 3 steps), resumed
-  from its mid-epoch step-3 checkpoint into ``<out>/resumed``.
+  from its mid-epoch step-3 checkpoint into ``<out>/resumed``. After the first fit it validates on the first 19 rows
+  (an odd count: ``report.json``'s ``val_loss_19_rows``).
 - ``fsdp2``: ``AdapterFSDP2Strategy`` with activation checkpointing for 10 steps, sharded adapter-only checkpoints
   every 3 steps; validates the fitted (still sharded) module; resumes from the mid-epoch step-3 checkpoint into
   ``<out>/resumed``; then tries a copy of that checkpoint that claims another world size. ``report.json`` records
@@ -134,10 +135,23 @@ def fit(
     return trainer
 
 
-def validate(module: L.LightningModule, pretrained: str, rows: str, strategy="auto", devices: int = 1) -> float:
-    """The validation loss of a fitted ``module`` on ``rows`` under a new Trainer."""
+def validate(
+    module: L.LightningModule,
+    pretrained: str,
+    rows: str,
+    strategy="auto",
+    devices: int = 1,
+    max_rows: int | None = None,
+) -> float:
+    """The validation loss of a fitted ``module`` on (the first ``max_rows`` of) ``rows`` under a new Trainer."""
     data = FineTuneDataModule(
-        pretrained, task="instruction", train=rows, val=rows, max_length=64, batch_size=GLOBAL_BATCH // devices
+        pretrained,
+        task="instruction",
+        train=rows,
+        val=rows,
+        max_length=64,
+        batch_size=GLOBAL_BATCH // devices,
+        max_eval_examples=max_rows,
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -179,6 +193,11 @@ def main(argv: list[str]) -> None:
         counted = TrainableBytes()
         trainer = fit(out=args.out, strategy=strategy, callbacks=[counted, *extra], **common)
         report = {"allreduce_bytes": strategy.comm_counter.bytes, "trainable_bytes": counted.bytes}
+        # 19 rows on 2 ranks: every row scored once (Lightning's default sampler would score one twice)
+        strategy = AdapterDDPStrategy(timeout=TIMEOUT_S)
+        report["val_loss_19_rows"] = validate(
+            trainer.lightning_module, args.pretrained, args.rows, strategy, devices, 19
+        )
         strategy = AdapterDDPStrategy(timeout=TIMEOUT_S)
         fit(out=args.out / "sparse", strategy=strategy, method="sparse", **common)
         fit(

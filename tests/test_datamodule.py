@@ -472,3 +472,31 @@ def test_loaders_batch_in_the_order_split_stats_counts(tokenizer, group_by_lengt
             padded += batch["input_ids"].numel()
         stats = dm.split_stats(name, dm.splits[name])
         assert stats["padding_fraction"] == pytest.approx(1 - sum(lengths) / padded)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ddp_evaluation_scores_every_row_exactly_once(tokenizer, world_size: int) -> None:
+    """Under DDP the val / test rows are split across ranks without the repeated rows Lightning's sampler pads with
+    (7 rows on 2 or 3 ranks would score 1 or 2 of them twice); a sharded strategy keeps Lightning's sampler."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+    from torch.utils.data.distributed import DistributedSampler
+
+    rows = qa_rows(7, varied=True)
+    seen = []
+    for rank in range(world_size):
+        data = FineTuneDataModule(tokenizer, task="instruction", train=rows, val=rows, test=rows, eval_batch_size=2)
+        data.setup("fit")
+        data.setup("test")
+        data.trainer = SimpleNamespace(world_size=world_size, global_rank=rank, strategy=DDPStrategy())
+        for loader in (data.val_dataloader(), data.test_dataloader()):
+            assert isinstance(loader.sampler, DistributedSampler)  # Lightning leaves it alone
+        seen.append([ids for batch in data.test_dataloader() for ids in batch["input_ids"].tolist()])
+    scored = [tuple(t for t in ids if t != tokenizer.pad_token_id) for rank_rows in seen for ids in rank_rows]
+    assert len(scored) == 7 and len(set(scored)) == 7  # every row once, none twice
+    sizes = [len(rank_rows) for rank_rows in seen]
+    assert max(sizes) - min(sizes) <= 1
+
+    data.trainer = SimpleNamespace(world_size=2, global_rank=0, strategy=ModelParallelStrategy())
+    assert not isinstance(data.test_dataloader().sampler, DistributedSampler)  # FSDP: Lightning pads, equal counts

@@ -116,7 +116,8 @@ def single(assets, tmp_path_factory) -> dict:
     runs = {steps: fit(assets["pretrained"], assets["rows"], root / str(steps), max_steps=steps) for steps in (5, 10)}
     fit(assets["pretrained"], assets["rows"], root / "sparse", method="sparse")
     val_loss = validate(runs[10].lightning_module, assets["pretrained"], assets["rows"])  # the merged model
-    return {5: root / "5", 10: root / "10", "sparse": root / "sparse", "val_loss": val_loss}
+    val_loss_19 = validate(runs[5].lightning_module, assets["pretrained"], assets["rows"], max_rows=19)
+    return {5: root / "5", 10: root / "10", "sparse": root / "sparse", "val_loss": val_loss, "val_loss_19": val_loss_19}
 
 
 # ---- equivalence -----------------------------------------------------------------------------------------------
@@ -130,6 +131,8 @@ def test_ddp_matches_single_process_and_all_reduces_only_the_adapters(tmp_path, 
     assert_same_exports(out / "accumulated", out / "resumed", atol=1e-7)  # resumed from its mid-epoch step 3
     report = json.loads((out / "report.json").read_text())
     assert report["allreduce_bytes"] == 5 * report["trainable_bytes"] > 0  # adapters only, once per step
+    # 19 validation rows of unequal lengths on 2 ranks: each scored once, as in one process (no repeated row)
+    assert report["val_loss_19_rows"] == pytest.approx(single["val_loss_19"], abs=1e-6)
 
     # rank-0-only side effects: messages, progress bars and files come from rank 0
     by_rank = {r: "".join(log_text(f) for f in logs.glob(f"*/attempt_0/{r}/*.log")) for r in (0, 1)}

@@ -153,9 +153,14 @@ class FineTuneDataModule(L.LightningDataModule):
         self.seed = seed
         self.fractions = (val_fraction, test_fraction)
         self.columns = dict(
-            prompt_column=prompt_column, response_column=response_column, messages_column=messages_column,
-            choices_column=choices_column, system_prompt=system_prompt, text_column=text_column,
-            text_pair_column=text_pair_column, label_column=label_column,
+            prompt_column=prompt_column,
+            response_column=response_column,
+            messages_column=messages_column,
+            choices_column=choices_column,
+            system_prompt=system_prompt,
+            text_column=text_column,
+            text_pair_column=text_pair_column,
+            label_column=label_column,
         )
         self.max_examples = {"train": max_train_examples, "val": max_eval_examples, "test": max_eval_examples}
         self.splits: dict[str, EncodedSplit] = {}
@@ -232,7 +237,9 @@ class FineTuneDataModule(L.LightningDataModule):
         if self.packing and "train" in self.splits:
             unpacked = self.splits["train"]
             packed = pack_examples(unpacked.examples, self.max_length, self.seed)
-            self.splits["train"] = EncodedSplit(packed, unpacked.num_truncated, {"unpacked_examples": len(unpacked.examples)})
+            self.splits["train"] = EncodedSplit(
+                packed, unpacked.num_truncated, {"unpacked_examples": len(unpacked.examples)}
+            )
         for name, split in self.splits.items():
             rank_zero_info(f"lightning-ft data: {name}: {self.describe(name, split)}")
 
@@ -288,9 +295,12 @@ class FineTuneDataModule(L.LightningDataModule):
         if name not in self.splits:
             raise RuntimeError(f"no {name} data: pass `{name}=` to FineTuneDataModule (or a {name}_fraction)")
         examples = self.splits[name].examples
+        sampler = self.sample_order(name, [len(e["input_ids"]) for e in examples])
+        if name in ("val", "test"):
+            sampler = self._every_row_once(sampler, len(examples))
         kwargs: dict[str, Any] = dict(
             batch_size=self.batch_size_of(name),
-            sampler=self.sample_order(name, [len(e["input_ids"]) for e in examples]),
+            sampler=sampler,
             collate_fn=Collator(self.pad_token_id, self.pad_to_multiple_of, padding_side),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -298,6 +308,28 @@ class FineTuneDataModule(L.LightningDataModule):
         if name == "train":  # resumes mid-epoch with the batches an unbroken run sees
             return ResumableDataLoader(examples, consumed_batches=self._consumed_train_batches, **kwargs)
         return DataLoader(examples, **kwargs)
+
+    def _every_row_once(self, order: Iterable[int] | None, n: int) -> Iterable[int] | None:
+        """Under DDP, split the evaluation rows across ranks so that each is scored exactly once.
+
+        Lightning's default ``DistributedSampler`` pads the ranks to equal counts with repeated rows, which then count
+        twice in the metrics (up to ``world_size - 1`` rows; its warning says so). DDP needs no equal counts here:
+        evaluation runs no collective per batch (the metrics synchronise once, at epoch end), so the ranks may hold
+        one row (one batch) apart. Sharded strategies (FSDP) gather weights in every forward and need equal batch
+        counts: there, and with fewer rows than ranks, Lightning's padded sampler stays.
+        """
+        from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
+        from lightning.pytorch.strategies import DDPStrategy
+
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1 or n < trainer.world_size:
+            return order
+        if not isinstance(trainer.strategy, DDPStrategy):
+            return order
+        order = list(range(n)) if order is None else list(order)
+        return UnrepeatedDistributedSamplerWrapper(
+            order, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )
 
     def _consumed_train_batches(self) -> int | None:
         """Batches of the current epoch the Trainer has trained on (0 without a Trainer); ``None`` once the epoch is
@@ -315,7 +347,7 @@ class FineTuneDataModule(L.LightningDataModule):
         return self._loader("train")
 
     def check_packing_on_model(self) -> None:
-        """Probe the Trainer's model (once per model): refuse packing when packed examples would attend to each other."""
+        """Probe the Trainer's model (once per model): refuse packing where packed examples would see each other."""
         from lightning_ft.modeling import hf_models
 
         trainer = getattr(self, "trainer", None)

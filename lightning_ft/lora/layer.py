@@ -177,12 +177,19 @@ class LoRALinear(nn.Module):
 
     def add_update(self, result: Tensor, h: Tensor) -> Tensor:
         """``result + scale * h @ B^T``: one ``addmm`` (the add and the scale ride in the GEMM) where the dtypes
-        allow, else the plain expression. ``result`` (..., out), ``h`` (..., r)."""
+        allow, else the plain expression. ``result`` (..., out), ``h`` (..., r).
+
+        The base layer's output is updated in place when nothing else can hold it (no forward hook on the base layer
+        or global one): no new (..., out) tensor to allocate and write, and in the backward pass the gradient of
+        ``result`` is the incoming gradient itself rather than a copy. Autograd allows it: the base matmul saves its
+        input and weight, not its output.
+        """
         if result.dtype == h.dtype and result.is_contiguous():
-            out = torch.addmm(
-                result.reshape(-1, self.out_features), h.reshape(-1, self.r), self.lora_B.T, alpha=self.scaling
-            )
-            return out.view(result.shape)
+            flat, h2 = result.view(-1, self.out_features), h.reshape(-1, self.r)
+            if not (self.base_layer._forward_hooks or nn.modules.module._global_forward_hooks):
+                flat.addmm_(h2, self.lora_B.T, alpha=self.scaling)
+                return result
+            return torch.addmm(flat, h2, self.lora_B.T, alpha=self.scaling).view(result.shape)
         return result + (F.linear(h, self.lora_B) * self.scaling).to(result.dtype)
 
     @override

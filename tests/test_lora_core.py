@@ -118,3 +118,25 @@ def test_pissa_keeps_the_initial_output_and_moves_the_top_singular_values():
     layer = LoRALinear(base, r=4, alpha=8, init="pissa")
     torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.linalg.svdvals(layer.delta_weight())[:4], s[:4], atol=1e-4, rtol=0)
+
+
+def test_a_forward_hook_on_the_base_layer_sees_the_base_output_unchanged():
+    """The update goes into the base output in place only when no hook can hold that output; the results agree."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 24), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    expected = layer.base_layer(x) + layer.scaling * (x @ layer.lora_A.T @ layer.lora_B.T)
+
+    in_place = layer(x)
+    grads = torch.autograd.grad(in_place.square().sum(), [x, layer.lora_A, layer.lora_B])
+    seen = []
+    handle = layer.base_layer.register_forward_hook(lambda mod, inp, out: seen.append(out))
+    hooked = layer(x)
+    handle.remove()
+    torch.testing.assert_close(seen[0], layer.base_layer(x))  # not the adapted output
+    hooked_grads = torch.autograd.grad(hooked.square().sum(), [x, layer.lora_A, layer.lora_B])
+    for out in (in_place, hooked):
+        torch.testing.assert_close(out, expected)
+    for a, b in zip(grads, hooked_grads):
+        torch.testing.assert_close(a, b)

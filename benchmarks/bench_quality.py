@@ -16,6 +16,10 @@ parameters, then LoRA r), ``nf4-lora`` (LoRA r over the base quantised to NF4, `
 quality target is its distance to ``lora`` at the same seeds).
 Writes ``quality.{json,md,png}`` under ``--out``.
 
+Part ``time`` (with ``methods``): every method but full fine-tuning again, each with as many steps as fit full
+fine-tuning's median fit time (its fixed set-up, e.g. the sparse selection, counted against it): quality at equal wall
+time. Writes ``quality.time.{json,md,png}``.
+
 Part ``curve``: the main job's LoRA (``recipes/smollm2_mr_lora.yaml``: every linear layer, batch 16, cosine) for each
 ``--curve-lrs``, validated every ``--curve-every`` steps on the first ``--curve-val-rows`` rows of the MR validation
 split (a fixed subset; never the test split): choice accuracy and the mean negative log-likelihood of the right
@@ -539,6 +543,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if "time" in args.parts and ("methods" not in args.parts or "full" not in args.methods):
+        parser.error("--parts time needs the methods part with full fine-tuning (its fit time is the budget)")
     if args.quick:
         args.models, args.seeds = ["minilm"], [0]
         args.minilm_steps, args.minilm_batch_size, args.minilm_test_examples = 3, 8, 32

@@ -175,33 +175,47 @@ class LoRALinear(nn.Module):
             return h
         return F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
 
+    def _owns_base_output(self) -> bool:
+        """No forward hook (on the base layer, or global) sees the base layer's input and output: this layer may call
+        it on a flattened input and write into its output."""
+        return not (self.base_layer._forward_hooks or nn.modules.module._global_forward_hooks)
+
     def add_update(self, result: Tensor, h: Tensor) -> Tensor:
         """``result + scale * h @ B^T``: one ``addmm`` (the add and the scale ride in the GEMM) where the dtypes
         allow, else the plain expression. ``result`` (..., out), ``h`` (..., r).
 
-        The base layer's output is updated in place when nothing else can hold it (no forward hook on the base layer
-        or global one): no new (..., out) tensor to allocate and write, and in the backward pass the gradient of
-        ``result`` is the incoming gradient itself rather than a copy. Autograd allows it: the base matmul saves its
-        input and weight, not its output.
+        The base layer's output is updated in place when nothing else can hold it (``_owns_base_output``): no new
+        (..., out) tensor to allocate and write, and in the backward pass the gradient of ``result`` is the incoming
+        gradient itself rather than a copy (when ``result`` is 2-D; on a view autograd copies, so ``forward`` calls
+        the base on the flattened input). Autograd allows it: the base matmul saves its input and weight, not its
+        output.
         """
         if result.dtype == h.dtype and result.is_contiguous():
-            flat, h2 = result.view(-1, self.out_features), h.reshape(-1, self.r)
-            if not (self.base_layer._forward_hooks or nn.modules.module._global_forward_hooks):
+            flat = result if result.dim() == 2 else result.view(-1, self.out_features)
+            h2 = h.reshape(-1, self.r)
+            if self._owns_base_output():
                 flat.addmm_(h2, self.lora_B.T, alpha=self.scaling)
                 return result
             return torch.addmm(flat, h2, self.lora_B.T, alpha=self.scaling).view(result.shape)
+        h = h.reshape(*result.shape[:-1], self.r)  # forward may have flattened the base's input
         return result + (F.linear(h, self.lora_B) * self.scaling).to(result.dtype)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
-        result = self.base_layer(x)
         if self.merged:
-            return result
-        if self.use_dora and not isinstance(self.dropout, nn.Identity):
+            return self.base_layer(x)
+        if not self.use_dora and self._owns_base_output():
+            # the base on (tokens, in): its (tokens, out) output is no view, so the update goes into it in place
+            # without autograd's copy for in-place ops on views
+            result = self.base_layer(x.reshape(-1, x.shape[-1]))
+            out = self.add_update(result, self.lora_hidden(x))
+            return out.view(*x.shape[:-1], out.shape[-1])
+        if not self.use_dora:
+            return self.add_update(self.base_layer(x), self.lora_hidden(x))
+        result = self.base_layer(x)
+        if not isinstance(self.dropout, nn.Identity):
             return self._dora_with_dropout(x, result)
         h = self.lora_hidden(x)
-        if not self.use_dora:
-            return self.add_update(result, h)
         # DoRA: m (W + sBA) x / ||W + sBA|| + b  =  (m / n) (Wx + s BAx) + b: one GEMM-fused add, one addcmul
         scale = (self.lora_magnitude / self.weight_norm()).to(result.dtype)
         bias = self.base_layer.bias

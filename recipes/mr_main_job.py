@@ -17,7 +17,10 @@ early on a machine much slower than the one the recipe was sized on (``summary.j
 ``stopped_early``). The summary records each phase's wall time and the load average, since a shared machine
 slows every phase alike.
 
-Writes ``<default_root_dir>/summary.json`` and ``loss_curve.png`` next to the CSV logs and the confusion matrix.
+Writes ``<default_root_dir>/summary.json`` and ``loss_curve.png`` next to the CSV logs and the confusion matrix, and,
+after a zero-shot test, ``report.md`` in the logger's version folder: the base model and the tuned one side by side
+(``lightning-ft report``: metrics, ROC / PR / reliability / confusion-matrix figures of each), with the base model's
+test outputs in ``zero_shot/`` next to it. The zero-shot column covers the zero-shot subset only.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from lightning_ft.callbacks import MergeAdapters, TokenThroughput
 from lightning_ft.cli import make_cli
+from lightning_ft.evaluation.run_report import move_test_outputs, write_run_report
 from lightning_ft.io import write_json_atomic
 from lightning_ft.report import find_metrics_csv, majority_baseline, plot_loss_curve
 from lightning_ft.scoring import score_choices
@@ -106,6 +110,9 @@ def main(argv: list[str]) -> dict:
         loader = data.test_dataloader()
         zero_shot_rows = len(loader.dataset) if zero_shot_examples < 0 else min(zero_shot_examples, len(loader.dataset))
         zero_shot = trainer.test(model, dataloaders=first_rows_loader(loader, zero_shot_rows))[0]
+    run = Path(trainer.log_dir) if zero_shot is not None and trainer.logger is not None else None
+    if run is not None and trainer.is_global_zero:  # keep them apart from the tuned model's test outputs
+        move_test_outputs(run, run / "zero_shot")
     phases["zero_shot_test"] = time.perf_counter() - start - sum(phases.values())
     fit_start = time.perf_counter()
     trainer.fit(model, datamodule=data)
@@ -160,6 +167,10 @@ def main(argv: list[str]) -> dict:
     if metrics_csv is not None:
         plot_loss_curve(metrics_csv, out / "loss_curve.png", title=summary["recipe"] or "")
         summary["loss_curve"] = str(out / "loss_curve.png")
+    if run is not None and trainer.is_global_zero:
+        names = [f"zero-shot (first {zero_shot_rows} test rows)", f"tuned (all {len(test_labels)} test rows)"]
+        title = f"MR: base model vs tuned ({summary['recipe']})"
+        summary["report"] = str(write_run_report([run / "zero_shot", run], run / "report.md", names=names, title=title))
     write_json_atomic(out / "summary.json", summary)
     print_summary(summary, out)
     if reload is not None and not reload["same_predictions"]:
@@ -189,8 +200,8 @@ def print_summary(summary: dict, out: Path) -> None:
             f"reloaded merged model     same predictions on {r['examples']} test rows: {r['same_predictions']}, "
             f"max |score difference| {r['max_abs_score_difference']:.2e}"
         )
-    for key in ("adapter_dir", "merged_dir"):
-        if summary[key]:
+    for key in ("adapter_dir", "merged_dir", "report"):
+        if summary.get(key):
             print(f"{key:<25} {summary[key]}")
     print(
         f"wall time                 {summary['wall_time_s']:.0f} s (everything in this script; fit "

@@ -188,6 +188,20 @@ def test_lora_main_job_on_smollm2(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
     ckpt = next(tmp_path.glob("logs/version_0/checkpoints/*.ckpt"))
     assert ckpt.stat().st_size < 50 * 2**20  # adapter-only: a full SmolLM2 checkpoint is over 500 MB
+    # the report: base model and tuned model side by side, each with its own test figures
+    run = tmp_path / "logs" / "version_0"
+    report = (run / "report.md").read_text()
+    assert summary["report"] == str(run / "report.md")
+    assert "zero-shot (first" in report and "tuned (all" in report
+    zero_shot = json.loads((run / "zero_shot" / "metrics_test.json").read_text())
+    tuned = json.loads((run / "metrics_test.json").read_text())
+    assert zero_shot["test/choice_acc"] == pytest.approx(summary["zero_shot_test_accuracy"])
+    assert tuned["test/choice_acc"] == pytest.approx(summary["test_accuracy"])
+    for key in ("test/choice_acc", "test/choice_auroc", "test/choice_ece"):
+        assert f"| {key} | {zero_shot[key]:.4f} | {tuned[key]:.4f} |" in report
+    for name in ("test_choice_roc.png", "test_choice_reliability.png"):
+        assert (run / "zero_shot" / "figures" / name).exists() and (run / "figures" / name).exists()
+        assert f"zero_shot/figures/{name}" in report and f"](figures/{name})" in report
 
 
 # ---- labels, help, options, errors (in-process, a tiny local classifier) ---------------------------------------------

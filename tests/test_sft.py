@@ -216,7 +216,7 @@ def test_nan_loss_is_checked_at_the_logging_interval(tmp_path, tokenizer):
 
 
 def test_nonfinite_loss_watch():
-    from lightning_ft.modules.base import NonFiniteLossWatch
+    from lightning_ft.modules.loss_watch import NonFiniteLossWatch
 
     watch = NonFiniteLossWatch()
     watch.check("train")  # nothing seen

@@ -8,6 +8,7 @@ side-by-side report of runs.
     figures.py        matplotlib figures
     loggers.py        figures to TensorBoard / W&B / PNG files in the run folder
     evaluator.py      the per-stage state FineTuneModule keeps
+    run_outputs.py    metrics / generations / figures / loss curve files written at the end of a stage
     run_report.py     ``lightning-ft report RUN_DIR ...``: runs side by side in one Markdown file
 """
 

@@ -22,15 +22,13 @@ from lightning_ft import metrics as M
 from lightning_ft._compat import attached_trainer
 from lightning_ft.callbacks.token_loss import TokenMeanLoss
 from lightning_ft.data.collate import tensor_to_texts
-from lightning_ft.evaluation import figures
 from lightning_ft.evaluation.evaluator import Evaluator
 from lightning_ft.evaluation.generation import generate_text
-from lightning_ft.evaluation.loggers import figure_folder, log_figures
-from lightning_ft.io import save_with_atomic, write_json_atomic, write_jsonl_atomic, write_text_atomic
+from lightning_ft.evaluation.run_outputs import write_confusion, write_loss_history, write_stage_results
 from lightning_ft.modeling import MODEL_INPUTS, enable_activation_checkpointing, is_activation_checkpointing
+from lightning_ft.modules.loss_watch import NonFiniteLossWatch
 from lightning_ft.modules.objectives import next_token_targets, target_mask, token_sums
 from lightning_ft.modules.optim import SCHEDULES, decay_groups, warmup_decay
-from lightning_ft.report import report_dir
 from lightning_ft.scoring import score_choices as choice_logprobs
 from lightning_ft.strategies.sharding import is_sharded
 
@@ -307,13 +305,7 @@ class FineTuneModule(L.LightningModule):
     @override
     def on_fit_end(self) -> None:
         """The loss curve to the loggers and ``figures/loss_curve.png``; ``loss_history.json`` in the run folder."""
-        folder = figure_folder(self.trainer)
-        if not self.trainer.is_global_zero or not any(self.loss_history.values()):
-            return
-        series = {f"{k}/loss": v for k, v in self.loss_history.items()}
-        log_figures(self.trainer, {"loss_curve": figures.loss_figure(series, "loss")}, folder)
-        if folder is not None:
-            write_json_atomic(folder.parent / "loss_history.json", {k: [list(p) for p in v] for k, v in series.items()})
+        write_loss_history(self.trainer, self.loss_history)
 
     @override
     def on_train_epoch_end(self) -> None:
@@ -337,29 +329,9 @@ class FineTuneModule(L.LightningModule):
         self.write_stage_results("test", values, with_figures=True)
 
     def write_stage_results(self, stage: str, values: dict[str, Tensor], with_figures: bool) -> None:
-        """Into the run folder (rank 0): ``metrics_<stage>.json``, ``generations_<stage>.jsonl`` (every rank's
-        generated answers, gathered) and, ``with_figures``, the ROC / PR / reliability figures (also to the
-        loggers). Call on every rank."""
-        records = self.evaluator.take_records(stage)
-        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, records)
-            records = [dict(r, rank=rank) for rank, part in enumerate(gathered) for r in part]
-        folder = figure_folder(self.trainer)  # on every rank: trainer.log_dir broadcasts
-        if not self.trainer.is_global_zero or self.trainer.sanity_checking:
-            self.evaluator.forget(stage)
-            return
-        if with_figures:
-            names = getattr(getattr(self.trainer, "datamodule", None), "choice_names", {}).get(stage)
-            log_figures(self.trainer, self.evaluator.figures(stage, self.labels, names), folder)
-        self.evaluator.forget(stage)
-        if folder is None:
-            return
-        metrics = {k: float(v) for k, v in values.items()}
-        metrics.update(step=self.global_step, epoch=self.current_epoch)
-        write_json_atomic(folder.parent / f"metrics_{stage}.json", metrics)
-        if records:
-            write_jsonl_atomic(folder.parent / f"generations_{stage}.jsonl", records)
+        """``metrics_<stage>.json``, ``generations_<stage>.jsonl`` and, ``with_figures``, the ROC / PR / reliability
+        figures, into the run folder and the loggers (rank 0; see ``evaluation.run_outputs``). Call on every rank."""
+        write_stage_results(self.trainer, self.evaluator, stage, values, self.labels, with_figures)
 
     def log_stage_metrics(self, stage: str) -> dict[str, Tensor]:
         values = {}
@@ -388,20 +360,7 @@ class FineTuneModule(L.LightningModule):
             return
         matrix = self.confusion.compute()
         self.confusion.reset()
-        out = report_dir(self.trainer)  # on every rank: trainer.log_dir broadcasts
-        if self.trainer.is_global_zero:
-            table = M.confusion_table(matrix, self.labels)
-            rank_zero_info(f"{stage} confusion matrix:\n{table}")
-            fig = figures.confusion_figure(matrix, self.labels, f"{stage} confusion matrix")
-            log_figures(self.trainer, {f"{stage}/confusion_matrix": fig}, None if out is None else out / "figures")
-            if out is None:
-                rank_zero_info(
-                    f"lightning-ft: confusion_matrix_{stage}.md/.png not written: the Trainer has no logger and no "
-                    "default_root_dir, and reports are not written to the current directory; set either to keep them"
-                )
-                return
-            write_text_atomic(out / f"confusion_matrix_{stage}.md", table + "\n")
-            save_with_atomic(out / f"confusion_matrix_{stage}.png", lambda p: fig.savefig(p, format="png", dpi=100))
+        write_confusion(self.trainer, matrix, self.labels, stage)
 
     # ---- prediction ------------------------------------------------------------------------------------------
     @override
@@ -477,35 +436,3 @@ class FineTuneModule(L.LightningModule):
         rank_zero_info(
             f"lightning-ft: {trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
         )
-
-
-class NonFiniteLossWatch:
-    """Notes the first NaN / inf loss of a stage on the loss's device, without a host sync; :meth:`check` raises it
-    (one sync). ``FineTuneModule`` checks training every ``trainer.log_every_n_steps`` batches and at the epoch's end,
-    evaluation at the epoch's end: a bad loss is reported at most that many batches late."""
-
-    def __init__(self) -> None:
-        self.seen: Tensor | None = None  # bool: a non-finite loss was seen
-        self.loss: Tensor | None = None  # the first one
-        self.step: Tensor | None = None  # and its global step
-
-    def update(self, loss: Tensor, step: int) -> None:
-        loss = loss.detach().float().reshape(())
-        if self.seen is None or self.seen.device != loss.device:
-            self.seen = torch.zeros((), dtype=torch.bool, device=loss.device)
-            self.loss = torch.zeros((), device=loss.device)
-            self.step = torch.zeros((), dtype=torch.long, device=loss.device)
-        first = ~torch.isfinite(loss) & ~self.seen
-        self.loss = torch.where(first, loss, self.loss)
-        self.step = torch.where(first, torch.full_like(self.step, step), self.step)
-        self.seen = self.seen | first
-
-    def check(self, stage: str) -> None:
-        """Raise ``FloatingPointError`` when a non-finite loss was seen since the last check."""
-        seen, loss, step = self.seen, self.loss, self.step
-        self.seen = self.loss = self.step = None
-        if seen is not None and bool(seen):  # the host sync
-            raise FloatingPointError(
-                f"{stage} loss is {loss.item()} at step {int(step)}. Lower the learning rate, use "
-                "precision='bf16-mixed' instead of '16-mixed', or check the data (e.g. labels outside the vocabulary)."
-            )

@@ -11,9 +11,9 @@ Modes under torchrun (2 processes, 2 rows each per step):
   from its mid-epoch step-3 checkpoint into ``<out>/resumed``. After the first fit it validates on the first 19 rows
   (an odd count: ``report.json``'s ``val_loss_19_rows``).
 - ``fsdp2``: ``AdapterFSDP2Strategy`` with activation checkpointing for 10 steps, sharded adapter-only checkpoints
-  every 3 steps; validates the fitted (still sharded) module; resumes from the mid-epoch step-3 checkpoint into
-  ``<out>/resumed``; then tries a copy of that checkpoint that claims another world size. ``report.json`` records
-  the checkpoint's files and keys, the validation loss and the error.
+  every 3 steps; validates the fitted (still sharded) module, on all rows and on the first 19; resumes from the
+  mid-epoch step-3 checkpoint into ``<out>/resumed``; then tries a copy of that checkpoint that claims another world
+  size. ``report.json`` records the checkpoint's files and keys, the validation losses and the error.
 - ``fsdp2_meta``: ``AdapterFSDP2Strategy`` for 5 steps without and with ``sharded_loading`` (into ``<out>/plain`` and
   ``<out>/meta``), every rank recording its per-step losses and every tensor it reads from the weight files (through
   a subclass of the loader's ``SafetensorsRows``) into ``<out>/rank<r>.json``; then a module given its model as an
@@ -223,6 +223,12 @@ def main(argv: list[str]) -> None:
         ckpt = args.out / "ckpt" / "step=3.ckpt"  # 5 steps an epoch: inside the first epoch
         strategy = AdapterFSDP2Strategy(timeout=TIMEOUT_S)
         report["val_loss"] = validate(trainer.lightning_module, args.pretrained, args.rows, strategy, devices)
+        # 19 rows on 2 ranks: equal shards (a sharded forward needs every rank), the short one topped up with a
+        # filler row that scores nothing (Lightning's default sampler would score a repeated row)
+        strategy = AdapterFSDP2Strategy(timeout=TIMEOUT_S)
+        report["val_loss_19_rows"] = validate(
+            trainer.lightning_module, args.pretrained, args.rows, strategy, devices, 19
+        )
         report["checkpoint_files"] = sorted(p.name for p in ckpt.iterdir())
         report["checkpoint_model_keys"] = sorted(checkpoint_model_keys(ckpt))
         strategy = AdapterFSDP2Strategy(activation_checkpointing=True, timeout=TIMEOUT_S)

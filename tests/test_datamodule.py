@@ -480,7 +480,7 @@ def test_ddp_evaluation_scores_every_row_exactly_once(tokenizer, world_size: int
     (7 rows on 2 or 3 ranks would score 1 or 2 of them twice); a sharded strategy keeps Lightning's sampler."""
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import DDPStrategy
     from torch.utils.data.distributed import DistributedSampler
 
     rows = qa_rows(7, varied=True)
@@ -498,5 +498,38 @@ def test_ddp_evaluation_scores_every_row_exactly_once(tokenizer, world_size: int
     sizes = [len(rank_rows) for rank_rows in seen]
     assert max(sizes) - min(sizes) <= 1
 
-    data.trainer = SimpleNamespace(world_size=2, global_rank=0, strategy=ModelParallelStrategy())
-    assert not isinstance(data.test_dataloader().sampler, DistributedSampler)  # FSDP: Lightning pads, equal counts
+
+@pytest.mark.parametrize(
+    ("strategy", "rows", "world_size"), [("fsdp", 7, 2), ("fsdp", 7, 3), ("fsdp", 2, 4), ("ddp", 2, 3)]
+)
+def test_sharded_evaluation_evens_the_shards_with_fillers_that_score_nothing(tokenizer, strategy, rows, world_size):
+    """A sharded model (FSDP) needs equal batches on every rank, and so does DDP with fewer rows than ranks: the short
+    ranks get filler rows (another rank's row, every target -100, flagged) so that every real row counts once."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+    from torch.utils.data.distributed import DistributedSampler
+
+    strategy_cls = ModelParallelStrategy if strategy == "fsdp" else DDPStrategy
+    data_rows = qa_rows(rows, varied=True)
+    classes = [{"text": f"review {i} " * (i + 1), "label": ["neg", "pos"][i % 2]} for i in range(rows)]
+    for fmt, train in (("instruction", data_rows), ("classification", classes)):
+        real, shapes = [], []
+        for rank in range(world_size):
+            data = FineTuneDataModule(tokenizer, format=fmt, train=train, test=train, eval_batch_size=2)
+            data.setup("test")
+            data.trainer = SimpleNamespace(world_size=world_size, global_rank=rank, strategy=strategy_cls())
+            loader = data.test_dataloader()
+            assert isinstance(loader.sampler, DistributedSampler)  # Lightning leaves it alone
+            batches = list(loader)
+            shapes.append([b["input_ids"].shape[0] for b in batches])
+            for b in batches:
+                filler = b.get("filler", torch.zeros(len(b["input_ids"]), dtype=torch.bool))
+                for ids, labels, is_filler in zip(b["input_ids"].tolist(), b["labels"], filler.tolist()):
+                    if is_filler:
+                        assert (labels == -100).all()  # no loss term, no metric update
+                    else:
+                        assert (labels != -100).any()
+                        real.append(tuple(t for t in ids if t != tokenizer.pad_token_id))
+        assert len({tuple(s) for s in shapes}) == 1  # the same batches, of the same sizes, on every rank
+        assert len(real) == rows and len(set(real)) == rows  # every real row once

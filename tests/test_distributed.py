@@ -117,7 +117,15 @@ def single(assets, tmp_path_factory) -> dict:
     fit(assets["pretrained"], assets["rows"], root / "sparse", method="sparse")
     val_loss = validate(runs[10].lightning_module, assets["pretrained"], assets["rows"])  # the merged model
     val_loss_19 = validate(runs[5].lightning_module, assets["pretrained"], assets["rows"], max_rows=19)
-    return {5: root / "5", 10: root / "10", "sparse": root / "sparse", "val_loss": val_loss, "val_loss_19": val_loss_19}
+    val_loss_19_10 = validate(runs[10].lightning_module, assets["pretrained"], assets["rows"], max_rows=19)
+    return {
+        5: root / "5",
+        10: root / "10",
+        "sparse": root / "sparse",
+        "val_loss": val_loss,
+        "val_loss_19": val_loss_19,
+        "val_loss_19_10": val_loss_19_10,
+    }
 
 
 # ---- equivalence -----------------------------------------------------------------------------------------------
@@ -149,6 +157,8 @@ def test_fsdp2_matches_single_process_and_resumes_from_a_sharded_checkpoint(tmp_
     assert_same_exports(single[10], out)  # 10 steps with activation checkpointing
     report = json.loads((out / "report.json").read_text())
     assert report["val_loss"] == pytest.approx(single["val_loss"], abs=1e-5)  # validate after fit, still sharded
+    # 19 rows of unequal lengths on 2 ranks: equal shards with a filler row; each real row scored once
+    assert report["val_loss_19_rows"] == pytest.approx(single["val_loss_19_10"], abs=1e-6)
     # adapter-only and sharded: one file per rank, only the adapters of the 2 blocks x 3 layers
     assert {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= set(report["checkpoint_files"])
     keys = report["checkpoint_model_keys"]

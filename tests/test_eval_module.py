@@ -191,3 +191,45 @@ def test_generation_under_ddp_gathers_every_rank(tmp_path, tokenizer):
     (written,) = (tmp_path / "lightning_logs").glob("version_*/generations_val.jsonl")
     records = [json.loads(line) for line in written.read_text().splitlines()]
     assert sorted(r["rank"] for r in records) == [0, 0, 1, 1]
+
+
+def with_fillers(dm: FineTuneDataModule) -> torch.utils.data.DataLoader:
+    """The test rows in their order with a filler row (a copy of another row, as a short rank's shard gets under
+    FSDP) after every second row: in the middle and at the end of batches, and one batch of fillers only."""
+    from lightning_ft.data.samplers import filler_row
+
+    loader = dm.test_dataloader()
+    rows = dm.splits["test"].examples
+    mixed = []
+    for i, row in enumerate(rows):
+        mixed += [row, filler_row(rows[-1 - i])] if i % 2 == 0 else [row]
+    mixed += [filler_row(r) for r in rows[: loader.batch_size]]
+    return torch.utils.data.DataLoader(mixed, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+
+
+@pytest.mark.parametrize("kind", ["classification", "choices", "free_text"])
+def test_filler_rows_change_no_metric(tmp_path, tokenizer, kind):
+    """Evaluation shard fillers (every target -100, generated answers unscored) leave every logged metric as the
+    rows alone give it: losses, accuracies, AUROC / ECE, generation metrics and the written answers."""
+    if kind == "classification":
+        dm, module = classification(tokenizer)
+    else:
+        rows = instruction_rows(12)[:11] if kind == "choices" else varied_rows(7, longest=4)
+        dm = FineTuneDataModule(tokenizer, task="instruction", test=rows, max_length=128, eval_batch_size=3)
+        module = SFTModule(model=tiny_llama(len(tokenizer), seed=4), task="causal_lm", max_new_tokens=4)
+    dm.setup("test")
+    (alone,) = trainer(CSVLogger(tmp_path / "alone"), tmp_path / "alone").test(module, dm)
+    module._tokenizer = tokenizer  # no data module below
+    mixed_loader = with_fillers(dm)
+    assert any("filler" in b for b in mixed_loader)
+    (mixed,) = trainer(CSVLogger(tmp_path / "mixed"), tmp_path / "mixed").test(module, dataloaders=mixed_loader)
+    assert mixed.keys() == alone.keys()
+    for name, value in alone.items():  # other batch shapes: float32 rounding only
+        assert mixed[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    if kind == "free_text":
+        written = [
+            [json.loads(line) for line in (tmp_path / run / "lightning_logs" / "version_0" / "generations_test.jsonl")
+             .read_text().splitlines()]
+            for run in ("alone", "mixed")
+        ]  # fmt: skip
+        assert written[0] == written[1]

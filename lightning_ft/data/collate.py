@@ -37,7 +37,7 @@ def _round_up(n: int, multiple: int | None) -> int:
 class Collator:
     """Pad a list of examples to the longest in the batch (optionally to a multiple of ``pad_to_multiple_of``).
 
-    Output keys, all ``torch.long``:
+    Output keys, ``torch.long`` unless said:
       * ``input_ids`` (B, T); ``attention_mask`` (B, T), absent for packed rows (their ``position_ids`` (B, T)
         restart at 0 per example, which transformers turns into a block-diagonal causal mask);
       * ``labels``: (B, T) with -100 on prompt and padding for causal LM, or (B,) class ids for classification;
@@ -47,7 +47,9 @@ class Collator:
         right-padded; ``choice_target`` (B,) the index of the right choice (-100 when unknown);
       * for evaluation rows with a free-text answer: ``gen_prompt_ids`` / ``gen_prompt_mask`` (B, P), the prompts
         left-padded for generation, and ``reference_bytes`` (B, L) the answers' UTF-8 bytes, -1 after the end
-        (``tensor_to_texts`` reads them back; bytes, because a batch holds tensors only).
+        (``tensor_to_texts`` reads them back; bytes, because a batch holds tensors only);
+      * ``filler`` (B,) bool, only in a batch that holds evaluation shard fillers (``data.samplers.filler_row``):
+        True on the rows that repeat another rank's row to even out the shards and must not be scored.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, padding_side: str = "right") -> None:
@@ -81,6 +83,8 @@ class Collator:
             batch["gen_prompt_ids"] = _pad(prompts, self.pad_token_id, prompt_len, left=True)
             batch["gen_prompt_mask"] = _pad([[1] * len(p) for p in prompts], 0, prompt_len, left=True)
             batch["reference_bytes"] = texts_to_tensor([e["reference"] for e in examples])
+        if any(e.get("filler") for e in examples):  # evaluation shard fillers (data.samplers.filler_row)
+            batch["filler"] = torch.tensor([bool(e.get("filler")) for e in examples])
         return batch
 
     def choice_batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:

@@ -14,11 +14,17 @@ from typing_extensions import override
 
 from lightning_ft.data.classification import ClassificationFormat, check_label_names, infer_labels
 from lightning_ft.data.collate import Collator
-from lightning_ft.data.formats import DataFormat, EncodedSplit
+from lightning_ft.data.formats import DataFormat, EncodedSplit, Example
 from lightning_ft.data.instruction import InstructionFormat
 from lightning_ft.data.packing import check_packing, pack_examples
 from lightning_ft.data.resumable import ResumableDataLoader
-from lightning_ft.data.samplers import EpochShuffleSampler, LengthGroupedSampler
+from lightning_ft.data.samplers import (
+    EpochShuffleSampler,
+    LengthGroupedSampler,
+    ShardSampler,
+    even_shards,
+    filler_row,
+)
 from lightning_ft.data.sources import Source, load_rows, split_rows
 from lightning_ft.data.text import TextFormat
 
@@ -297,7 +303,7 @@ class FineTuneDataModule(L.LightningDataModule):
         examples = self.splits[name].examples
         sampler = self.sample_order(name, [len(e["input_ids"]) for e in examples])
         if name in ("val", "test"):
-            sampler = self._every_row_once(sampler, len(examples))
+            examples, sampler = self._every_row_once(examples, sampler)
         kwargs: dict[str, Any] = dict(
             batch_size=self.batch_size_of(name),
             sampler=sampler,
@@ -309,27 +315,32 @@ class FineTuneDataModule(L.LightningDataModule):
             return ResumableDataLoader(examples, consumed_batches=self._consumed_train_batches, **kwargs)
         return DataLoader(examples, **kwargs)
 
-    def _every_row_once(self, order: Iterable[int] | None, n: int) -> Iterable[int] | None:
-        """Under DDP, split the evaluation rows across ranks so that each is scored exactly once.
+    def _every_row_once(
+        self, examples: list[Example], order: Iterable[int] | None
+    ) -> tuple[list[Example], Iterable[int] | None]:
+        """On several processes, split the evaluation rows across ranks so that each is scored exactly once.
 
-        Lightning's default ``DistributedSampler`` pads the ranks to equal counts with repeated rows, which then count
-        twice in the metrics (up to ``world_size - 1`` rows; its warning says so). DDP needs no equal counts here:
-        evaluation runs no collective per batch (the metrics synchronise once, at epoch end), so the ranks may hold
-        one row (one batch) apart. Sharded strategies (FSDP) gather weights in every forward and need equal batch
-        counts: there, and with fewer rows than ranks, Lightning's padded sampler stays.
+        Lightning's default ``DistributedSampler`` pads the ranks to equal counts with repeated rows, which then
+        count twice in the metrics (up to ``world_size - 1`` rows; its warning says so). Under DDP the ranks may
+        hold one row (one batch) apart: evaluation runs no collective per batch (the metrics synchronise once, at
+        epoch end). Sharded strategies (FSDP) gather weights in every forward, so every rank needs the same number
+        of batches of the same sizes: the short ranks get *filler* rows (``samplers.filler_row``: a copy of a row
+        with every target ignored and its generated answer unscored), as does DDP with fewer rows than ranks.
+        Returns the rows to index (the split's, then the fillers) and this rank's sampler.
         """
         from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
         from lightning.pytorch.strategies import DDPStrategy
 
         trainer = getattr(self, "trainer", None)
-        if trainer is None or trainer.world_size <= 1 or n < trainer.world_size:
-            return order
-        if not isinstance(trainer.strategy, DDPStrategy):
-            return order
+        if trainer is None or trainer.world_size <= 1 or not examples:
+            return examples, order
+        n, world, rank = len(examples), trainer.world_size, trainer.global_rank
         order = list(range(n)) if order is None else list(order)
-        return UnrepeatedDistributedSamplerWrapper(
-            order, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
-        )
+        if isinstance(trainer.strategy, DDPStrategy) and n >= world:
+            return examples, UnrepeatedDistributedSamplerWrapper(order, num_replicas=world, rank=rank, shuffle=False)
+        indices, fillers = even_shards(order, world, rank)
+        rows = list(examples) + [filler_row(examples[i]) for i in fillers]
+        return rows, ShardSampler(rows, indices, num_replicas=world, rank=rank)
 
     def _consumed_train_batches(self) -> int | None:
         """Batches of the current epoch the Trainer has trained on (0 without a Trainer); ``None`` once the epoch is

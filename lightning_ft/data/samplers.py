@@ -1,12 +1,16 @@
-"""Length-grouped sampling: batches of similar lengths waste less compute on padding."""
+"""Samplers: seeded epoch shuffles, length-grouped batches (less padding), and evaluation shards across ranks in
+which every row counts exactly once."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 from typing_extensions import override
+
+from lightning_ft.data.collate import IGNORE_INDEX
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -51,3 +55,48 @@ class LengthGroupedSampler(EpochShuffleSampler):
         for start in range(0, len(perm), self.mega):
             chunk = perm[start : start + self.mega]
             yield from sorted(chunk, key=lambda i: -self.lengths[i])
+
+
+def even_shards(order: list[int], world_size: int, rank: int) -> tuple[list[int], list[int]]:
+    """Split an evaluation ``order`` of ``n`` rows across ``world_size`` ranks in equal shards of ``ceil(n / W)``.
+
+    Position ``p`` of the order goes to rank ``p % W`` (as ``DistributedSampler`` without shuffling). The short ranks
+    are topped up with *fillers*: returned are ``rank``'s indices, where an index ``n + j`` means filler ``j``, and
+    the rows the fillers copy (``fillers[j]``, taken from the start of the order). A filler must be scored as nothing
+    (see :func:`filler_row`): every real row then counts exactly once.
+    """
+    n = len(order)
+    total = -(-n // world_size) * world_size
+    fillers = [order[j % n] for j in range(total - n)] if n else []
+    padded = list(order) + list(range(n, total))
+    return padded[rank:total:world_size], fillers
+
+
+def filler_row(example: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an evaluation row that only fills a rank's shard: the same inputs (the same forward passes), every
+    target ignored (-100: no loss term, no metric update, no choice target), and ``filler: True`` so that its
+    generated answer is not scored."""
+    row = dict(example, filler=True)
+    if "labels" in row:
+        row["labels"] = [IGNORE_INDEX] * len(row["labels"])
+    for key in ("label", "choice_label"):
+        if key in row:
+            row[key] = IGNORE_INDEX
+    return row
+
+
+class ShardSampler(DistributedSampler):
+    """A rank's fixed list of indices, as a ``DistributedSampler`` so that Lightning does not re-split it."""
+
+    def __init__(self, dataset: Sized, indices: list[int], num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.indices = indices
+        self.num_samples = len(indices)
+
+    @override
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    @override
+    def __len__(self) -> int:
+        return len(self.indices)

@@ -40,6 +40,7 @@ class Evaluator(nn.Module):
         self.choice_probs = nn.ModuleDict({f"{s}_": C.ProbabilityStore() for s in EVAL_STAGES})
         self.generation = nn.ModuleDict({f"{s}_": GenerationMetrics() for s in EVAL_STAGES})
         self.records: dict[str, list[dict[str, Any]]] = {s: [] for s in EVAL_STAGES}
+        self.generated: dict[str, int] = {s: 0 for s in EVAL_STAGES}
         self._computed: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
 
     # ---- updates ---------------------------------------------------------------------------------------------
@@ -54,14 +55,30 @@ class Evaluator(nn.Module):
         self.choice_probs[f"{stage}_"].update(scores[keep].float().softmax(-1), target[keep])
 
     def generated_rows(self, stage: str) -> int:
-        return len(self.records[stage])
+        """Rows this rank generated for in the stage so far, scored or not (the same on every rank of a sharded
+        model, whose ranks must generate in step)."""
+        return self.generated[stage]
 
-    def update_generation(self, stage: str, prompts: list[str], predictions: list[str], references: list[str]) -> None:
-        self.generation[f"{stage}_"].update(predictions, references)
+    def update_generation(
+        self,
+        stage: str,
+        prompts: list[str],
+        predictions: list[str],
+        references: list[str],
+        scored: list[bool] | None = None,
+    ) -> None:
+        """Score generated answers against their references; ``scored[i] = False`` leaves row ``i`` out (a filler
+        row that only evens out the ranks' shards)."""
+        self.generated[stage] += len(predictions)
+        rows = list(zip(prompts, predictions, references))
+        if scored is not None:
+            rows = [row for row, keep in zip(rows, scored) if keep]
+        if not rows:
+            return
+        self.generation[f"{stage}_"].update([g for _, g, _ in rows], [r for _, _, r in rows])
         start = len(self.records[stage])
         self.records[stage] += [
-            {"index": start + i, "prompt": p, "reference": r, "prediction": g}
-            for i, (p, g, r) in enumerate(zip(prompts, predictions, references))
+            {"index": start + i, "prompt": p, "reference": r, "prediction": g} for i, (p, g, r) in enumerate(rows)
         ]
 
     # ---- epoch end -------------------------------------------------------------------------------------------
@@ -105,8 +122,10 @@ class Evaluator(nn.Module):
         return agreed.tolist()
 
     def take_records(self, stage: str) -> list[dict[str, Any]]:
-        """This rank's generated answers of the stage (``index``, ``prompt``, ``reference``, ``prediction``)."""
+        """This rank's generated answers of the stage (``index``, ``prompt``, ``reference``, ``prediction``); the
+        stage's generation count starts again."""
         records, self.records[stage] = self.records[stage], []
+        self.generated[stage] = 0
         return records
 
     def forget(self, stage: str) -> None:

@@ -27,7 +27,7 @@ from lightning_ft.evaluation.generation import generate_text
 from lightning_ft.evaluation.run_outputs import write_confusion, write_loss_history, write_stage_results
 from lightning_ft.modeling import MODEL_INPUTS, enable_activation_checkpointing, is_activation_checkpointing
 from lightning_ft.modules.loss_watch import NonFiniteLossWatch
-from lightning_ft.modules.objectives import next_token_targets, target_mask, token_sums
+from lightning_ft.modules.objectives import IGNORE_INDEX, next_token_targets, target_mask, token_sums
 from lightning_ft.modules.optim import SCHEDULES, decay_groups, warmup_decay
 from lightning_ft.scoring import score_choices as choice_logprobs
 from lightning_ft.strategies.sharding import is_sharded
@@ -204,13 +204,16 @@ class FineTuneModule(L.LightningModule):
         if self.task == "classification":
             logits = self(batch)
             labels = batch["labels"]
-            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-            self.metrics[f"{stage}_"].update(logits.detach(), labels)
-            self.losses[f"{stage}_"].update(loss.detach() / max(labels.numel(), 1), weight=labels.numel())
-            if stage == "test":
-                self.confusion.update(logits.detach().argmax(-1), labels)
-            if stage != "train":
-                self.evaluator.update_classes(stage, logits.detach(), labels)
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")  # rows labelled -100 add nothing
+            keep = labels != IGNORE_INDEX  # (evaluation shard fillers)
+            if stage == "train" or keep.any():  # torchmetrics refuses empty updates
+                scored, targets = logits.detach()[keep], labels[keep]
+                self.metrics[f"{stage}_"].update(scored, targets)
+                self.losses[f"{stage}_"].update(loss.detach() / keep.sum().clamp(min=1), weight=keep.sum())
+                if stage == "test":
+                    self.confusion.update(scored.argmax(-1), targets)
+                if stage != "train":
+                    self.evaluator.update_classes(stage, scored, targets)
         else:
             if "gen_prompt_ids" in batch and stage in GENERATION_STAGES[self.hparams.eval_generation]:
                 self.generate_and_score(batch, stage)
@@ -283,7 +286,8 @@ class FineTuneModule(L.LightningModule):
             self.model, self.tokenizer, ids, mask, max_new_tokens=self.hparams.max_new_tokens, generation_kwargs=kwargs
         )
         prompts = [self.tokenizer.decode(row[m.bool()].tolist()) for row, m in zip(ids, mask)]
-        self.evaluator.update_generation(stage, prompts, answers, references[:take])
+        scored = (~batch["filler"][:take]).tolist() if "filler" in batch else None  # fillers: generated, not scored
+        self.evaluator.update_generation(stage, prompts, answers, references[:take], scored=scored)
         return answers
 
     # ---- epoch ends: compute, log, reset ---------------------------------------------------------------------

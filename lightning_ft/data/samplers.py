@@ -62,12 +62,13 @@ def even_shards(order: list[int], world_size: int, rank: int) -> tuple[list[int]
 
     Position ``p`` of the order goes to rank ``p % W`` (as ``DistributedSampler`` without shuffling). The short ranks
     are topped up with *fillers*: returned are ``rank``'s indices, where an index ``n + j`` means filler ``j``, and
-    the rows the fillers copy (``fillers[j]``, taken from the start of the order). A filler must be scored as nothing
-    (see :func:`filler_row`): every real row then counts exactly once.
+    the rows the fillers copy (``fillers[j]``, taken from the end of the order: with longest-first evaluation, the
+    shortest rows, which add no padding to the last batch). A filler must be scored as nothing (see
+    :func:`filler_row`): every real row then counts exactly once.
     """
     n = len(order)
     total = -(-n // world_size) * world_size
-    fillers = [order[j % n] for j in range(total - n)] if n else []
+    fillers = [order[n - 1 - j % n] for j in range(total - n)] if n else []
     padded = list(order) + list(range(n, total))
     return padded[rank:total:world_size], fillers
 

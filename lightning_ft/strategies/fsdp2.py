@@ -102,6 +102,9 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
             ``configure_model``); a model passed as an object is refused. See ``lightning_ft.strategies.meta_load``.
         cpu_offload: FSDP2's ``CPUOffloadPolicy``: sharded parameters, gradients and optimizer state live in host
             memory and are copied to the GPU block by block (GPU only; on a CPU run everything is in host memory).
+        replicate_frozen_root: keep frozen weights outside the transformer blocks (embedding / tied LM head, final
+            norm) whole on every rank instead of sharding them: FSDP2 all-gathers a weight into two full-size buffers
+            at once, twice a step, so a full copy held throughout lowers the peak (see ``sharding.parallelize``).
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
         process_group_backend: str | None = None,
         sharded_loading: bool = False,
         cpu_offload: bool = False,
+        replicate_frozen_root: bool = True,
     ) -> None:
         super().__init__(
             data_parallel_size="auto",
@@ -130,6 +134,7 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
         self.reshard_after_forward = reshard_after_forward
         self.sharded_loading = sharded_loading
         self.cpu_offload = cpu_offload
+        self.replicate_frozen_root = replicate_frozen_root
         self._init_recorder = None
         self.load_report: dict[str, Any] | None = None  # what this rank read from the weight files
 
@@ -188,6 +193,7 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
             self.activation_checkpointing,
             self.reshard_after_forward,
             self.offload_policy(),
+            self.replicate_frozen_root,
         )
         if sources is not None:
             self.load_report = load_shards(module, sources, self.root_device)

@@ -3,8 +3,9 @@ of every weight from the safetensors files (pure torch + safetensors, no Lightni
 
 Why read the files rather than load on rank 0 and scatter: every rank opens the files itself (memory-mapped) and
 reads the rows of its shard (``SafetensorsRows``: plain file reads of rows ``[start, stop)``, straight into the
-shard; ``safe_open``'s memory map would add every page read to the RSS), so no rank ever holds a full weight,
-rank 0 included, and loading needs no collective at all (no rank waits for rank 0's reads, nothing crosses the
+shard; ``safe_open``'s memory map would add every page read to the RSS), so no rank ever holds a full sharded weight,
+rank 0 included (frozen weights outside the blocks, which ``replicate_frozen_root`` leaves unsharded, are read
+whole), and loading needs no collective at all (no rank waits for rank 0's reads, nothing crosses the
 network). The cost: every node needs the files (a shared file system or a copy per node), which a multi-node run has
 anyway for the tokenizer and config.
 
@@ -286,7 +287,8 @@ def _local_rows(p: Tensor) -> tuple[Tensor, int, int]:
 def load_shards(module: nn.Module, sources: dict[str, tuple[str, str]], device: torch.device) -> dict[str, Any]:
     """Allocate ``module``'s (sharded) tensors on ``device`` and fill them: the tensors that were real before keep
     their values, the parameters in ``sources`` get their rows from the files. Returns what was read:
-    ``{"tensors", "elements_read", "elements_full"}``."""
+    ``{"tensors", "elements_read", "elements_full", "elements_whole"}`` (``elements_whole``: of the parameters left
+    unsharded, e.g. ``replicate_frozen_root``'s, read whole on every rank)."""
     kept = {name: _local(t).detach().clone() for name, t in _named_tensors(module) if not t.is_meta}
     shared = _shared_parameters(module)
     module.to_empty(device=device)
@@ -295,7 +297,7 @@ def load_shards(module: nn.Module, sources: dict[str, tuple[str, str]], device: 
         for mod, pname in places[1:]:
             mod._parameters[pname] = first
     files: dict[str, SafetensorsRows] = {}
-    read = full = 0
+    read = full = whole = 0
     try:
         for name, t in _named_tensors(module):
             if name in kept:
@@ -311,12 +313,13 @@ def load_shards(module: nn.Module, sources: dict[str, tuple[str, str]], device: 
                     files[file].read_rows(key, start, stop, local)
                 read += local.numel()
                 full += t.numel()
+                whole += local.numel() if local.numel() == t.numel() else 0
             else:
                 raise RuntimeError(f"{name} has no values after sharding: neither loaded nor initialised")
     finally:
         for f in files.values():
             f.close()
-    return {"tensors": len(sources), "elements_read": read, "elements_full": full}
+    return {"tensors": len(sources), "elements_read": read, "elements_full": full, "elements_whole": whole}
 
 
 def _shared_parameters(module: nn.Module) -> list[list[tuple[nn.Module, str]]]:

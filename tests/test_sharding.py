@@ -1,0 +1,64 @@
+"""``strategies.sharding.parallelize`` over two CPU processes (gloo): which parameters FSDP2 shards, and that
+keeping the frozen weights outside the blocks whole (``replicate_frozen_root``) computes the same thing."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from helpers import tiny_llama
+
+
+def worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        from torch.distributed.tensor import DTensor
+
+        from lightning_ft.lora import inject_lora
+        from lightning_ft.strategies.sharding import parallelize
+
+        mesh = init_device_mesh("cpu", (2,))
+        ids = torch.arange(24).reshape(2, 12) % 50 + 1
+        record = {}
+        for name, kwargs in (
+            ("replicated", {"replicate_frozen_root": True}),
+            ("sharded", {"replicate_frozen_root": False}),
+            (
+                "param_dtype",
+                {"replicate_frozen_root": True, "mp_policy": MixedPrecisionPolicy(param_dtype=torch.float32)},
+            ),
+        ):
+            model = inject_lora(tiny_llama(64, seed=3).train(), r=4, alpha=8, target_modules="all-linear")
+            parallelize(model, mesh, **kwargs)
+            whole = sorted(n for n, p in model.named_parameters() if not isinstance(p, DTensor))
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads = {n: float(p.grad.full_tensor().norm()) for n, p in model.named_parameters() if p.grad is not None}
+            record[name] = {"whole": whole, "loss": float(loss), "grads": grads}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(record, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_frozen_weights_outside_the_blocks_stay_whole_and_compute_the_same(tmp_path):
+    mp.start_processes(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        # the frozen embedding, LM head and final norm: whole on every rank; everything in the blocks: sharded
+        assert record["replicated"]["whole"] == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+        assert record["sharded"]["whole"] == [] and record["param_dtype"]["whole"] == []  # the option off / skipped
+        reference = record["sharded"]
+        for name in ("replicated", "param_dtype"):
+            assert abs(record[name]["loss"] - reference["loss"]) < 1e-6
+            assert record[name]["grads"].keys() == reference["grads"].keys()
+            for key, value in reference["grads"].items():
+                assert abs(record[name]["grads"][key] - value) < 1e-5 * max(1.0, value), key

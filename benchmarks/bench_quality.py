@@ -94,6 +94,19 @@ def datamodule(spec: dict, cfg: dict):
     )
 
 
+def use_nf4_settings(module, settings: dict) -> None:
+    """Give the module's ``QuantizeBase`` callback these ``QuantizeConfig`` fields (``quantize_base`` takes only the
+    dtype)."""
+    from lightning_ft.callbacks import QuantizeBase
+
+    callbacks = module.configure_callbacks
+
+    def configure_callbacks():
+        return [QuantizeBase(dtype="nf4", **settings) if isinstance(c, QuantizeBase) else c for c in callbacks()]
+
+    module.configure_callbacks = configure_callbacks
+
+
 def methods_worker(cfg: dict) -> dict:
     import lightning as L
     import torch
@@ -114,6 +127,8 @@ def methods_worker(cfg: dict) -> dict:
     method = "lora" if cfg["method"] in ("compressed-lora", "nf4-lora") else cfg["method"]
     quantize_base = "nf4" if cfg["method"] == "nf4-lora" else None
     module = make_module(spec, {**cfg, "method": method, "quantize_base": quantize_base}, model)
+    if quantize_base is not None and cfg.get("nf4_settings"):
+        use_nf4_settings(module, cfg["nf4_settings"])
     metrics, recorder, fit_s, test_s = fit_then_test(module, dm, cfg["steps"])
     prefix = "test/choice_" if "test/choice_acc" in metrics else "test/"
     return {
@@ -248,9 +263,22 @@ def run_configs(configs: list[dict], jobs: int) -> dict[str, list[dict]]:
 def method_label(method: str, args) -> str:
     sparse_r = args.sparse_rank or args.rank
     allocation = ", global" if args.sparse_allocation == "global" else ""
-    return TITLES[method].format(
+    title = TITLES[method].format(
         r=args.rank, sparse_r=sparse_r, criterion=args.sparse_criterion, ratio=args.param_ratio, allocation=allocation
     )
+    if method == "nf4-lora" and nf4_settings(args):
+        title += " (" + ", ".join(f"{k} {v}" for k, v in nf4_settings(args).items()) + ")"
+    return title
+
+
+def nf4_settings(args) -> dict:
+    """The ``QuantizeConfig`` fields given on the command line (``--nf4-block-size``, ``--nf4-exclude``)."""
+    out: dict = {}
+    if args.nf4_block_size is not None:
+        out["block_size"] = args.nf4_block_size
+    if args.nf4_exclude:
+        out["exclude_modules"] = args.nf4_exclude
+    return out
 
 
 def method_configs(args) -> list[dict]:
@@ -286,6 +314,7 @@ def method_configs(args) -> list[dict]:
                         "seed": seed,
                         "calibration_batches": args.calibration_batches,
                         "param_ratio": args.param_ratio,
+                        "nf4_settings": nf4_settings(args),
                         "max_test_examples": test_rows,
                         "max_train_examples": args.max_train_examples,
                         "task": args.task,
@@ -321,7 +350,9 @@ def curve_configs(args) -> list[dict]:
     return [
         {
             "name": f"SmolLM2 LoRA curve lr {lr:g}"
-            + ("" if args.curve_targets == CURVE_TARGETS else f" ({args.curve_targets})"),
+            + ("" if args.curve_targets == CURVE_TARGETS else f" ({args.curve_targets})")
+            + ("" if args.curve_batch_size == 16 else f" batch {args.curve_batch_size}")
+            + ("" if args.curve_loraplus is None else f" LoRA+ {args.curve_loraplus:g}"),
             "kind": "curve",
             "lr": lr,
             "r": 16,
@@ -332,7 +363,7 @@ def curve_configs(args) -> list[dict]:
             "steps": args.curve_steps,
             "every": args.curve_every,
             "val_rows": args.curve_val_rows,
-            "batch_size": 16,
+            "batch_size": args.curve_batch_size,
             "seed": 0,
             "zero_shot": args.curve_zero_shot,
             "threads": args.threads,
@@ -459,7 +490,8 @@ def curve_outputs(args, info: dict, command: str, configs: list[dict], runs: dic
     curves = {c["name"]: {"config": c, "points": runs[c["name"]][0]["points"]} for c in configs}
     targets = f"`{args.curve_targets}`"
     lines = [
-        f"SmolLM2-135M LoRA as in `recipes/smollm2_mr_lora.yaml` (r=16, alpha=32, batch 16, cosine, 5 % warm-up; "
+        f"SmolLM2-135M LoRA as in `recipes/smollm2_mr_lora.yaml` (r=16, alpha=32, batch {args.curve_batch_size}, "
+        f"cosine, 5 % warm-up; "
         f"targets {targets}), validated on the first {args.curve_val_rows} rows of the MR validation split every "
         f"{args.curve_every} steps ({info['cpus']} CPUs, torch {info['torch']}). Command: `{command}`",
         "",
@@ -492,7 +524,7 @@ def plot_curve(payload: dict, out_png: Path) -> None:
             at = (m, 100 * p["val_acc"])
             ax.annotate(str(p["step"]), at, textcoords="offset points", xytext=(3, -10), fontsize=7)
     ax.axhline(85, color="red", ls="--", lw=1, label="target 85 %")
-    ax.set_xlabel("training minutes (fit only; points labelled with the step, batch 16)")
+    ax.set_xlabel("training minutes (fit only; points labelled with the step)")
     ax.set_ylabel("MR validation accuracy (%), fixed subset")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -518,6 +550,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # MiniLM learning rates chosen on the MR *validation* split (60 steps x 32, seeds 0 1; README "Quality"):
     # full 1e-4 / 2e-4 / 4e-4 -> 74.4 / 75.2 / 74.9 %; LoRA 1e-3 / 3e-3 / 6e-3 -> 73.3 / 75.9 / 68.9 %;
     # sparse 1e-3 / 3e-3 / 1e-2 -> 73.6 / 74.3 / 53.6 %
+    parser.add_argument("--nf4-block-size", type=int, default=None, help="nf4-lora: values per NF4 block (64)")
+    parser.add_argument("--nf4-exclude", nargs="+", default=None, help="nf4-lora: linear layers kept in float32")
     parser.add_argument("--lora-lr", type=float, default=3e-3)
     parser.add_argument("--sparse-lr", type=float, default=3e-3)
     parser.add_argument("--minilm-full-lr", type=float, default=2e-4)
@@ -531,6 +565,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--curve-lrs", type=float, nargs="+", default=[2e-3])
     parser.add_argument("--curve-loraplus", type=float, default=None)
     parser.add_argument("--curve-targets", default=CURVE_TARGETS, help="LoRA target_modules (default: the main job's)")
+    parser.add_argument("--curve-batch-size", type=int, default=16)
     parser.add_argument("--curve-steps", type=int, default=300)
     parser.add_argument("--curve-every", type=int, default=100)
     parser.add_argument("--curve-val-rows", type=int, default=1060, help="the first N validation rows (MR has 1060)")

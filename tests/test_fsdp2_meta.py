@@ -116,7 +116,23 @@ def test_a_hub_id_cannot_be_loaded_sharded():
         load_model("some-org/some-model")
 
 
-def test_a_model_passed_as_an_object_is_refused_before_training(folder, tmp_path):
+@pytest.fixture
+def own_process_group():
+    """An in-process distributed fit leaves its process group and Lightning's ``LOCAL_RANK`` / ``MASTER_*`` in
+    ``os.environ`` behind (a later ``Trainer`` would then take the process as launched by torchrun): undo both."""
+    import os
+
+    import torch.distributed as dist
+
+    saved = dict(os.environ)
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_a_model_passed_as_an_object_is_refused_before_training(folder, tmp_path, own_process_group):
     """Single process: the strategy refuses in ``setup``, before any step (the two-process run checks it too)."""
     from lightning_ft import FineTuneDataModule, LoRAModule
 

@@ -164,10 +164,9 @@ def test_parameters_keep_their_sources_on_the_meta_device(folder):
     assert file.endswith("model.safetensors") and key == "model.layers.1.mlp.down_proj.weight"
 
 
-def test_frozen_root_weights_are_replicated_by_default_only_with_sharded_loading():
+def test_frozen_root_weights_are_replicated_by_default():
     from lightning_ft.strategies import AdapterFSDP2Strategy
 
+    assert AdapterFSDP2Strategy().replicate_frozen_root is True
     assert AdapterFSDP2Strategy(sharded_loading=True).replicate_frozen_root is True
-    assert AdapterFSDP2Strategy().replicate_frozen_root is False  # a full load per rank measured higher with it
-    assert AdapterFSDP2Strategy(replicate_frozen_root=True).replicate_frozen_root is True
-    assert AdapterFSDP2Strategy(sharded_loading=True, replicate_frozen_root=False).replicate_frozen_root is False
+    assert AdapterFSDP2Strategy(replicate_frozen_root=False).replicate_frozen_root is False

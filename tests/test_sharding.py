@@ -37,12 +37,15 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
             ),
         ):
             model = inject_lora(tiny_llama(64, seed=3).train(), r=4, alpha=8, target_modules="all-linear")
+            loaded = model.model.embed_tokens.weight.data_ptr()
             parallelize(model, mesh, **kwargs)
             whole = sorted(n for n, p in model.named_parameters() if not isinstance(p, DTensor))
+            # kept whole, but in memory of its own (a view of a memory-mapped weight file would pin the whole file)
+            own = not whole or model.model.embed_tokens.weight.data_ptr() != loaded
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             grads = {n: float(p.grad.full_tensor().norm()) for n, p in model.named_parameters() if p.grad is not None}
-            record[name] = {"whole": whole, "loss": float(loss), "grads": grads}
+            record[name] = {"whole": whole, "own": own, "loss": float(loss), "grads": grads}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(record, f)
     finally:
@@ -56,6 +59,7 @@ def test_frozen_weights_outside_the_blocks_stay_whole_and_compute_the_same(tmp_p
         # the frozen embedding, LM head and final norm: whole on every rank; everything in the blocks: sharded
         assert record["replicated"]["whole"] == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
         assert record["sharded"]["whole"] == [] and record["param_dtype"]["whole"] == []  # the option off / skipped
+        assert record["replicated"]["own"]
         reference = record["sharded"]
         for name in ("replicated", "param_dtype"):
             assert abs(record[name]["loss"] - reference["loss"]) < 1e-6

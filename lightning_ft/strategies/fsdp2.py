@@ -104,10 +104,10 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
             memory and are copied to the GPU block by block (GPU only; on a CPU run everything is in host memory).
         replicate_frozen_root: keep frozen weights outside the transformer blocks (embedding / tied LM head, final
             norm) whole on every rank instead of sharding them: FSDP2 all-gathers a weight into two full-size buffers
-            at once, twice a step, so a full copy held throughout can lower the peak (see ``sharding.parallelize``).
-            ``None`` (default): on with ``sharded_loading``. Measured on SmolLM2-135M LoRA, 2 CPU ranks, peak per
-            rank: sharded loading 1,048 -> 936 MB with activation checkpointing, 1,642 -> 1,520 without; but with
-            a full load per rank 1,646 -> 1,777 MB (not understood), so it stays off there unless asked for.
+            at once, in the forward and again in the backward, so a frozen weight kept whole costs less at the peak
+            (see ``sharding.parallelize``). Measured on SmolLM2-135M LoRA, 2 CPU ranks, peak per rank: sharded
+            loading 1,048 -> 936 MB with activation checkpointing, 1,642 -> 1,520 without; a full load per rank
+            1,646 -> 1,521 MB.
     """
 
     def __init__(
@@ -122,7 +122,7 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
         process_group_backend: str | None = None,
         sharded_loading: bool = False,
         cpu_offload: bool = False,
-        replicate_frozen_root: bool | None = None,
+        replicate_frozen_root: bool = True,
     ) -> None:
         super().__init__(
             data_parallel_size="auto",
@@ -137,7 +137,7 @@ class AdapterFSDP2Strategy(AdapterStrategyMixin, ModelParallelStrategy):
         self.reshard_after_forward = reshard_after_forward
         self.sharded_loading = sharded_loading
         self.cpu_offload = cpu_offload
-        self.replicate_frozen_root = sharded_loading if replicate_frozen_root is None else replicate_frozen_root
+        self.replicate_frozen_root = replicate_frozen_root
         self._init_recorder = None
         self.load_report: dict[str, Any] | None = None  # what this rank read from the weight files
 

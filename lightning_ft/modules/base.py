@@ -205,11 +205,13 @@ class FineTuneModule(L.LightningModule):
             logits = self(batch)
             labels = batch["labels"]
             loss = F.cross_entropy(logits.float(), labels, reduction="sum")  # rows labelled -100 add nothing
-            keep = labels != IGNORE_INDEX  # (evaluation shard fillers)
-            if stage == "train" or keep.any():  # torchmetrics refuses empty updates
-                scored, targets = logits.detach()[keep], labels[keep]
+            scored, targets = logits.detach(), labels
+            if stage != "train":  # evaluation shard fillers are labelled -100 (no mask in training: no host sync)
+                keep = labels != IGNORE_INDEX
+                scored, targets = scored[keep], labels[keep]
+            if targets.numel():  # torchmetrics refuses empty updates
                 self.metrics[f"{stage}_"].update(scored, targets)
-                self.losses[f"{stage}_"].update(loss.detach() / keep.sum().clamp(min=1), weight=keep.sum())
+                self.losses[f"{stage}_"].update(loss.detach() / targets.numel(), weight=targets.numel())
                 if stage == "test":
                     self.confusion.update(scored.argmax(-1), targets)
                 if stage != "train":

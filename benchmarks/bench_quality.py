@@ -352,11 +352,12 @@ def curve_configs(args) -> list[dict]:
             "name": f"SmolLM2 LoRA curve lr {lr:g}"
             + ("" if args.curve_targets == CURVE_TARGETS else f" ({args.curve_targets})")
             + ("" if args.curve_batch_size == 16 else f" batch {args.curve_batch_size}")
+            + ("" if args.curve_rank == 16 else f" r={args.curve_rank}")
             + ("" if args.curve_loraplus is None else f" LoRA+ {args.curve_loraplus:g}"),
             "kind": "curve",
             "lr": lr,
-            "r": 16,
-            "alpha": 32,
+            "r": args.curve_rank,
+            "alpha": 2 * args.curve_rank,
             "target_modules": args.curve_targets,
             "warmup_ratio": 0.05,
             "loraplus_lr_ratio": args.curve_loraplus,
@@ -490,7 +491,8 @@ def curve_outputs(args, info: dict, command: str, configs: list[dict], runs: dic
     curves = {c["name"]: {"config": c, "points": runs[c["name"]][0]["points"]} for c in configs}
     targets = f"`{args.curve_targets}`"
     lines = [
-        f"SmolLM2-135M LoRA as in `recipes/smollm2_mr_lora.yaml` (r=16, alpha=32, batch {args.curve_batch_size}, "
+        f"SmolLM2-135M LoRA as in `recipes/smollm2_mr_lora.yaml` (r={args.curve_rank}, alpha={2 * args.curve_rank}, "
+        f"batch {args.curve_batch_size}, "
         f"cosine, 5 % warm-up; "
         f"targets {targets}), validated on the first {args.curve_val_rows} rows of the MR validation split every "
         f"{args.curve_every} steps ({info['cpus']} CPUs, torch {info['torch']}). Command: `{command}`",
@@ -566,6 +568,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--curve-loraplus", type=float, default=None)
     parser.add_argument("--curve-targets", default=CURVE_TARGETS, help="LoRA target_modules (default: the main job's)")
     parser.add_argument("--curve-batch-size", type=int, default=16)
+    parser.add_argument("--curve-rank", type=int, default=16, help="LoRA rank of the curve (alpha = 2 x rank)")
     parser.add_argument("--curve-steps", type=int, default=300)
     parser.add_argument("--curve-every", type=int, default=100)
     parser.add_argument("--curve-val-rows", type=int, default=1060, help="the first N validation rows (MR has 1060)")

@@ -35,8 +35,13 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
                 "param_dtype",
                 {"replicate_frozen_root": True, "mp_policy": MixedPrecisionPolicy(param_dtype=torch.float32)},
             ),
+            ("tied_replicated", {"replicate_frozen_root": True}),  # the LM head tied to the embedding, as SmolLM2's
+            ("tied_sharded", {"replicate_frozen_root": False}),
         ):
-            model = inject_lora(tiny_llama(64, seed=3).train(), r=4, alpha=8, target_modules="all-linear")
+            model = tiny_llama(64, seed=3)
+            if name.startswith("tied"):
+                model.lm_head.weight = model.model.embed_tokens.weight
+            model = inject_lora(model.train(), r=4, alpha=8, target_modules="all-linear")
             loaded = model.model.embed_tokens.weight.data_ptr()
             parallelize(model, mesh, **kwargs)
             whole = sorted(n for n, p in model.named_parameters() if not isinstance(p, DTensor))
@@ -45,7 +50,8 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             grads = {n: float(p.grad.full_tensor().norm()) for n, p in model.named_parameters() if p.grad is not None}
-            record[name] = {"whole": whole, "own": own, "loss": float(loss), "grads": grads}
+            tied = model.lm_head.weight is model.model.embed_tokens.weight
+            record[name] = {"whole": whole, "own": own, "tied": tied, "loss": float(loss), "grads": grads}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(record, f)
     finally:
@@ -60,9 +66,17 @@ def test_frozen_weights_outside_the_blocks_stay_whole_and_compute_the_same(tmp_p
         assert record["replicated"]["whole"] == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
         assert record["sharded"]["whole"] == [] and record["param_dtype"]["whole"] == []  # the option off / skipped
         assert record["replicated"]["own"]
-        reference = record["sharded"]
-        for name in ("replicated", "param_dtype"):
+        # tied: one weight, kept whole (and still tied after it was copied out of its old memory)
+        assert record["tied_replicated"]["whole"] == ["model.embed_tokens.weight", "model.norm.weight"]
+        assert record["tied_replicated"]["tied"] and record["tied_replicated"]["own"]
+        for name, reference in (
+            ("replicated", "sharded"),
+            ("param_dtype", "sharded"),
+            ("tied_replicated", "tied_sharded"),
+        ):
+            reference = record[reference]
             assert abs(record[name]["loss"] - reference["loss"]) < 1e-6
             assert record[name]["grads"].keys() == reference["grads"].keys()
             for key, value in reference["grads"].items():
                 assert abs(record[name]["grads"][key] - value) < 1e-5 * max(1.0, value), key
+        assert abs(record["tied_sharded"]["loss"] - record["sharded"]["loss"]) > 1e-4  # tying changed the model

@@ -51,11 +51,15 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
             loss.backward()
             grads = {n: float(p.grad.full_tensor().norm()) for n, p in model.named_parameters() if p.grad is not None}
             tied = model.lm_head.weight is model.model.embed_tokens.weight
-            record[name] = {"whole": whole, "own": own, "tied": tied, "loss": float(loss), "grads": grads}
+            record[name] = {"whole": whole, "own": own, "tied": tied, "loss": float(loss.detach()), "grads": grads}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(record, f)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # gloo's threads (DTensor's device mesh) sometimes abort the interpreter's shutdown with "terminate called
+    # without an active exception" (once in two full-suite runs here); the results are written, so skip it
+    os._exit(0)
 
 
 def test_frozen_weights_outside_the_blocks_stay_whole_and_compute_the_same(tmp_path):

@@ -179,6 +179,7 @@ def make_module(spec: dict, cfg: dict, model=None):
             target_modules="all-linear",
             calibration_batches=cfg["calibration_batches"],
             seed=cfg["seed"],
+            **cfg.get("sparse_settings", {}),
         )
     return SFTModule(**common)
 
@@ -203,7 +204,7 @@ def step_recorder():
     return StepRecorder()
 
 
-def trainer_for(steps: int, root: str, callbacks: list):
+def trainer_for(steps: int, root: str, callbacks: list, gradient_clip_val: float | None = None):
     import lightning as L
 
     return L.Trainer(
@@ -217,6 +218,7 @@ def trainer_for(steps: int, root: str, callbacks: list):
         enable_model_summary=False,
         default_root_dir=root,
         callbacks=callbacks,
+        gradient_clip_val=gradient_clip_val,
     )
 
 
@@ -226,11 +228,12 @@ def test_metrics(metrics: dict) -> dict:
     return {"acc": float(acc), "loss": float(metrics["test/loss"]) if "test/loss" in metrics else None}
 
 
-def fit_then_test(module, dm, steps: int) -> tuple[dict, object, float, float]:
-    """Fit ``module`` for ``steps`` steps, then test it: (test metrics, the step recorder, fit s, test s)."""
+def fit_then_test(module, dm, steps: int, gradient_clip_val: float | None = None) -> tuple[dict, object, float, float]:
+    """Fit ``module`` for ``steps`` steps (global gradient norm clipped to ``gradient_clip_val`` when given), then
+    test it: (test metrics, the step recorder, fit s, test s)."""
     recorder = step_recorder()
     with tempfile.TemporaryDirectory() as root:  # the test confusion matrix is written there
-        trainer = trainer_for(steps, root, [recorder])
+        trainer = trainer_for(steps, root, [recorder], gradient_clip_val)
         start = time.perf_counter()
         trainer.fit(module, datamodule=dm)
         fit_s = time.perf_counter() - start

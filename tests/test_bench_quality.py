@@ -109,6 +109,21 @@ def test_method_labels_name_the_sparse_settings() -> None:
     from bench_quality import METHODS, method_label, parse_args
 
     labels = {m: method_label(m, parse_args([])) for m in METHODS}
-    assert labels["lora"] == "LoRA r=8 all-linear" and labels["sparse"] == "sparse delta gradient (r=8 equiv.)"
+    assert labels["lora"] == "LoRA r=8 all-linear" and labels["sparse"] == "sparse delta gradient (r=32 equiv.)"
     args = parse_args(["--sparse-rank", "16", "--sparse-allocation", "global", "--sparse-criterion", "magnitude"])
     assert method_label("sparse", args) == "sparse delta magnitude (r=16 equiv., global)"
+    args = parse_args(["--sparse-set", "reselect_every=10", "drop_schedule=linear"])
+    assert method_label("sparse", args) == "sparse delta gradient (r=32 equiv.) (reselect_every 10, drop_schedule linear)"
+
+
+def test_configs_carry_clipping_and_sparse_settings() -> None:
+    from bench_quality import method_configs, parse_args
+
+    configs = method_configs(parse_args(["--methods", "full", "sparse", "--sparse-set", "reselect_every=10"]))
+    by_method = {c["method"]: c for c in configs if c["seed"] == 0}
+    assert by_method["sparse"]["sparse_settings"] == {"reselect_every": 10}  # a literal: an int, not "10"
+    assert by_method["full"]["sparse_settings"] == {}
+    assert {c["gradient_clip_val"] for c in configs} == {1.0}  # the default, for every method
+    assert by_method["sparse"]["rank"] == 32 and by_method["sparse"]["lr"] == 1e-3
+    unclipped = method_configs(parse_args(["--methods", "full", "--clip", "0"]))
+    assert {c["gradient_clip_val"] for c in unclipped} == {None}

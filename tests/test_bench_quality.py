@@ -113,7 +113,8 @@ def test_method_labels_name_the_sparse_settings() -> None:
     args = parse_args(["--sparse-rank", "16", "--sparse-allocation", "global", "--sparse-criterion", "magnitude"])
     assert method_label("sparse", args) == "sparse delta magnitude (r=16 equiv., global)"
     args = parse_args(["--sparse-set", "reselect_every=10", "drop_schedule=linear"])
-    assert method_label("sparse", args) == "sparse delta gradient (r=32 equiv.) (reselect_every 10, drop_schedule linear)"
+    settings = "(reselect_every 10, drop_schedule linear)"
+    assert method_label("sparse", args) == f"sparse delta gradient (r=32 equiv.) {settings}"
 
 
 def test_configs_carry_clipping_and_sparse_settings() -> None:

@@ -564,7 +564,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["minilm"])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank = sparse lora_equivalent_rank")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (every method but sparse)")
     # sparse, MR validation, seeds 0 1 2 (README "Quality"): r=32 equivalent at lr 1e-3, clipped at 1: 75.22 +- 0.33 %;
     # clipped r=8 at 3e-3: 73.65; unclipped: r=16 at 1.5e-3 74.21, r=32 at 1e-3 74.59, r=32 at 2e-3 68.71, r=64 at
     # 1e-3 73.68; r=8 at 3e-3 re-selecting every 10 steps 73.58

@@ -87,6 +87,7 @@ def test_quick_mode_runs_the_pipeline(tmp_path: Path) -> None:
     assert trainable["lora"] < trainable["full"] / 20  # adapters (+ head) only
     assert trainable["nf4-lora"] == trainable["lora"]  # the same adapters, over a quantised base
     assert (tmp_path / "quality.md").read_text().count("| MiniLM-L6 |") == 5
+    assert "global gradient norm clipped to 1;" in (tmp_path / "quality.md").read_text()  # the default, recorded
     assert (tmp_path / "quality.png").stat().st_size > 0
 
 
@@ -128,3 +129,14 @@ def test_configs_carry_clipping_and_sparse_settings() -> None:
     assert by_method["sparse"]["rank"] == 32 and by_method["sparse"]["lr"] == 1e-3
     unclipped = method_configs(parse_args(["--methods", "full", "--clip", "0"]))
     assert {c["gradient_clip_val"] for c in unclipped} == {None}
+
+
+def test_clipping_and_sparse_settings_reach_the_trainer_and_the_module(tmp_path: Path) -> None:
+    from bench_sparse import MODELS, make_module, trainer_for
+
+    assert trainer_for(1, str(tmp_path), [], 1.0).gradient_clip_val == 1.0
+    assert trainer_for(1, str(tmp_path), []).gradient_clip_val is None
+    cfg = {"method": "sparse", "lr": 1e-3, "weight_decay": 0.0, "warmup_ratio": 0.1, "rank": 32, "seed": 0}
+    cfg |= {"criterion": "gradient", "calibration_batches": 2, "sparse_settings": {"reselect_every": 10}}
+    module = make_module(MODELS["minilm"], cfg)
+    assert module.config.reselect_every == 10 and module.config.lora_equivalent_rank == 32

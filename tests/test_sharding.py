@@ -73,12 +73,12 @@ def test_frozen_weights_outside_the_blocks_stay_whole_and_compute_the_same(tmp_p
         # tied: one weight, kept whole (and still tied after it was copied out of its old memory)
         assert record["tied_replicated"]["whole"] == ["model.embed_tokens.weight", "model.norm.weight"]
         assert record["tied_replicated"]["tied"] and record["tied_replicated"]["own"]
-        for name, reference in (
+        for name, reference_name in (
             ("replicated", "sharded"),
             ("param_dtype", "sharded"),
             ("tied_replicated", "tied_sharded"),
         ):
-            reference = record[reference]
+            reference = record[reference_name]
             assert abs(record[name]["loss"] - reference["loss"]) < 1e-6
             assert record[name]["grads"].keys() == reference["grads"].keys()
             for key, value in reference["grads"].items():

@@ -2,10 +2,11 @@
 
 A packed row has no attention mask: its ``position_ids`` restart at 0 for every example, and transformers derives a
 block-diagonal causal mask from them for the architectures that support it (Llama, Qwen2, Mistral, Gemma, GPT-2,
-GPT-NeoX, Phi, ... with the eager / SDPA / flash attention implementations). Others (OPT's learned positions, BERT
-used as a causal LM, custom code) ignore restarting positions and let each example attend to the ones before it,
-silently. ``check_packing`` therefore runs the real model once on a packed probe and refuses packing when an example's
-logits depend on what was packed before it.
+GPT-NeoX, Phi, ... with the eager / SDPA / flash attention implementations; BERT used as a causal LM from transformers
+5.25). Others (OPT's learned positions, BERT before 5.25, custom code) ignore restarting positions and let each example
+attend to the ones before it, silently; which ones do changes between transformers versions. ``check_packing``
+therefore runs the real model once on a packed probe and refuses packing when an example's logits depend on what was
+packed before it.
 """
 
 from __future__ import annotations

@@ -127,6 +127,10 @@ def test_configs_carry_clipping_and_sparse_settings() -> None:
     assert by_method["full"]["sparse_settings"] == {}
     assert {c["gradient_clip_val"] for c in configs} == {1.0}  # the default, for every method
     assert by_method["sparse"]["rank"] == 32 and by_method["sparse"]["lr"] == 1e-3
+    both = method_configs(parse_args(["--models", "minilm", "smollm2", "--methods", "sparse", "--seeds", "0"]))
+    assert {c["model"]: c["lr"] for c in both} == {"minilm": 1e-3, "smollm2": 3e-4}  # each model's own rate
+    given = method_configs(parse_args(["--models", "minilm", "smollm2", "--methods", "sparse", "--sparse-lr", "2e-3"]))
+    assert {c["lr"] for c in given} == {2e-3}  # a given rate applies to both
     unclipped = method_configs(parse_args(["--methods", "full", "--clip", "0"]))
     assert {c["gradient_clip_val"] for c in unclipped} == {None}
 

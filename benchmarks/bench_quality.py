@@ -190,9 +190,35 @@ def curve_worker(cfg: dict) -> dict:
         scheduler="cosine",
         eval_lm_loss=False,
         loraplus_lr_ratio=cfg["loraplus_lr_ratio"],
+        quantize_base=cfg.get("quantize_base"),
     )
     points: list[dict] = []
     clock = {"train_s": 0.0}
+    # exponential moving averages of the adapters, one per --curve-ema decay, validated beside the raw adapters
+    emas: dict[float, dict[str, torch.Tensor]] = {decay: {} for decay in cfg.get("ema") or []}
+
+    def ema_scores(trainer, pl_module, ema: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, K) answer scores of the validation rows with the averaged adapters swapped in."""
+        from lightning_ft.scoring import score_choices
+
+        params = dict(pl_module.named_parameters())
+        raw = {n: params[n].detach().clone() for n in ema}
+        with torch.no_grad():
+            for n, v in ema.items():
+                params[n].copy_(v)
+            scores = [
+                score_choices(
+                    pl_module.model,
+                    b["choice_prompt_ids"],
+                    b["choice_prompt_mask"],
+                    b["choice_ids"],
+                    b["choice_mask"],
+                )
+                for b in trainer.val_dataloaders
+            ]
+            for n, v in raw.items():
+                params[n].copy_(v)
+        return torch.cat(scores)
 
     class Curve(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -200,6 +226,11 @@ def curve_worker(cfg: dict) -> dict:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock["train_s"] += time.perf_counter() - clock["start"]
+            with torch.no_grad():
+                for decay, ema in emas.items():
+                    for n, p in pl_module.named_parameters():
+                        if p.requires_grad:
+                            ema[n] = p.detach().clone() if n not in ema else ema[n].lerp_(p, 1 - decay)
 
         def on_validation_epoch_start(self, trainer, pl_module):
             clock["val_start"] = time.perf_counter()
@@ -218,7 +249,14 @@ def curve_worker(cfg: dict) -> dict:
                     "load_average": os.getloadavg(),
                 }
             )
-            print(f"step {points[-1]['step']}: val acc {points[-1]['val_acc']:.4f}", file=sys.stderr, flush=True)
+            for decay, ema in emas.items():
+                averaged = ema_scores(trainer, pl_module, ema)
+                nll = -torch.log_softmax(averaged, -1).gather(-1, target[:, None]).mean()
+                points[-1].setdefault("ema_val_acc", {})[str(decay)] = float(
+                    (averaged.argmax(-1) == target).float().mean()
+                )
+                points[-1].setdefault("ema_val_nll", {})[str(decay)] = float(nll)
+            print(f"step {points[-1]['step']}: {points[-1]}", file=sys.stderr, flush=True)
 
     trainer = L.Trainer(
         accelerator="cpu",
@@ -372,7 +410,9 @@ def curve_configs(args) -> list[dict]:
             + ("" if args.curve_batch_size == 16 else f" batch {args.curve_batch_size}")
             + ("" if args.curve_rank == 16 else f" r={args.curve_rank}")
             + ("" if args.curve_loraplus is None else f" LoRA+ {args.curve_loraplus:g}")
-            + ("" if args.curve_clip is None else f" clip {args.curve_clip:g}"),
+            + ("" if args.curve_clip is None else f" clip {args.curve_clip:g}")
+            + ("" if args.curve_quantize is None else f" over {args.curve_quantize}")
+            + ("" if args.curve_ema is None else f" EMA {' '.join(f'{d:g}' for d in args.curve_ema)}"),
             "kind": "curve",
             "lr": lr,
             "r": args.curve_rank,
@@ -388,6 +428,8 @@ def curve_configs(args) -> list[dict]:
             "zero_shot": args.curve_zero_shot,
             "threads": args.threads,
             "gradient_clip_val": args.curve_clip,
+            "quantize_base": args.curve_quantize,
+            "ema": args.curve_ema,
         }
         for lr in args.curve_lrs
     ]
@@ -518,14 +560,16 @@ def curve_outputs(args, info: dict, command: str, configs: list[dict], runs: dic
         f"targets {targets}), validated on the first {args.curve_val_rows} rows of the MR validation split every "
         f"{args.curve_every} steps ({info['cpus']} CPUs, torch {info['torch']}). Command: `{command}`",
         "",
-        "| learning rate | step | training minutes | val acc (%) | val NLL of the right answer | load average |",
-        "|---|---|---|---|---|---|",
+        "| learning rate | step | training minutes | val acc (%) | val NLL of the right answer | load average "
+        "| val acc, EMA adapters (%) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in configs:
         for p in curves[c["name"]]["points"]:
+            ema = ", ".join(f"{100 * a:.2f} (decay {d})" for d, a in p.get("ema_val_acc", {}).items())
             lines.append(
                 f"| {c['lr']:g} | {p['step']} | {p['train_s'] / 60:.1f} | {100 * p['val_acc']:.2f} "
-                f"| {p['val_nll']:.4f} | {p['load_average'][0]:.1f} |"
+                f"| {p['val_nll']:.4f} | {p['load_average'][0]:.1f} | {ema} |"
             )
     return {"command": command, "machine": info, "curves": curves}, lines
 
@@ -603,6 +647,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--curve-batch-size", type=int, default=16)
     parser.add_argument("--curve-rank", type=int, default=16, help="LoRA rank of the curve (alpha = 2 x rank)")
     parser.add_argument("--curve-clip", type=float, default=None, help="clip the global gradient norm (the curve)")
+    parser.add_argument("--curve-quantize", choices=["nf4", "int8"], default=None, help="LoRA over a quantised base")
+    parser.add_argument(
+        "--curve-ema",
+        type=float,
+        nargs="+",
+        default=None,
+        help="also validate exponential moving averages of the adapters with these decays (paired, same run)",
+    )
     parser.add_argument("--curve-steps", type=int, default=300)
     parser.add_argument("--curve-every", type=int, default=100)
     parser.add_argument("--curve-val-rows", type=int, default=1060, help="the first N validation rows (MR has 1060)")

@@ -144,3 +144,23 @@ def test_clipping_and_sparse_settings_reach_the_trainer_and_the_module(tmp_path:
     cfg |= {"criterion": "gradient", "calibration_batches": 2, "sparse_settings": {"reselect_every": 10}}
     module = make_module(MODELS["minilm"], cfg)
     assert module.config.reselect_every == 10 and module.config.lora_equivalent_rank == 32
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_quick_curve_validates_averaged_adapters_beside_the_raw(tmp_path: Path) -> None:
+    """Decay 0 averages nothing (the raw adapters); a decay of almost 1 keeps the first step's adapters: what is
+    validated is the averaged weights, swapped in."""
+    require_packaged("smollm2-135m-instruct")
+    require_mr()
+    script = str(ROOT / "benchmarks" / "bench_quality.py")
+    cmd = [sys.executable, script, "--quick", "--parts", "curve", "--curve-ema", "0", "0.999999"]
+    out = subprocess.run([*cmd, "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (curve,) = json.loads((tmp_path / "quality.curve.json").read_text())["curves"].values()
+    first, second = curve["points"]
+    assert (first["step"], second["step"]) == (1, 2) and second["val_nll"] != first["val_nll"]
+    for p in (first, second):
+        assert p["ema_val_nll"]["0.0"] == pytest.approx(p["val_nll"], abs=1e-6)
+    assert second["ema_val_nll"]["0.999999"] == pytest.approx(first["val_nll"], abs=1e-4)
+    assert "(decay 0.999999)" in (tmp_path / "quality.curve.md").read_text()
